@@ -1,0 +1,38 @@
+"""veomni-dllm: train, sample and evaluate masked-diffusion language models."""
+from setuptools import find_packages, setup
+
+# torch is deliberately not pinned here: install it first (`pip install torch==2.13.0` on CPU, or
+# the CUDA build matching your driver); an unpinned `torch` requirement would pull a multi-GB CUDA
+# wheel on a CPU machine.
+install_requires = [
+    "torch>=2.6",
+    "transformers>=4.56",
+    "safetensors",
+    "tokenizers",
+    "pyyaml",
+    "numpy",
+    "tqdm",
+    "gguf",  # transformers reads the embedded SmolLM2 GGUF through it
+    "sentencepiece",
+    "tensorboard",
+    "matplotlib",
+]
+
+extras_require = {
+    "gpu": ["flash-attn", "liger-kernel", "triton"],
+    "deepspeed": ["deepspeed"],
+    "quant": ["bitsandbytes", "peft"],
+    "eval": ["lm-eval"],
+    "wandb": ["wandb"],
+    "dev": ["pytest", "pytest-timeout", "ruff"],
+}
+
+setup(
+    name="veomni-dllm",
+    version="0.1.0",
+    description="Full-stack framework for masked-diffusion language models",
+    packages=find_packages(include=["veomni", "veomni.*"]),
+    python_requires=">=3.10",
+    install_requires=install_requires,
+    extras_require=extras_require,
+)
