@@ -1,0 +1,49 @@
+"""Tiny random configs with awkward shapes, shared by the model tests."""
+import torch
+from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+VOCAB = 97  # prime: catches vocab-size assumptions
+
+
+def tiny_config(family: str, tied: bool = False, **overrides):
+    common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tied, rms_norm_eps=1e-6)
+    if family == "llama":
+        cfg = LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    elif family == "llama3rope":
+        cfg = LlamaConfig(**common, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    elif family == "qwen2":
+        cfg = Qwen2Config(**common)
+    elif family == "qwen3":
+        # head_dim 12 != hidden/heads (48/6 = 8): Qwen3 allows it, catches reshape assumptions.
+        cfg = Qwen3Config(**common, head_dim=12)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_pair(family: str, tied: bool = False, seed: int = 0, attn_impl: str = "sdpa"):
+    """(HF reference model, our model) with identical random weights, fp32, eval mode."""
+    import transformers
+
+    from veomni.models.registry import build_model
+
+    cfg = tiny_config(family, tied)
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    # Non-trivial norm weights and biases so a missing or misplaced one shows up in the logits.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    ours = build_model(cfg, attn_impl=attn_impl).eval()
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    assert not [m for m in missing if not m.endswith("inv_freq")], missing
+    assert not unexpected, unexpected
+    ours.tie_weights()
+    return hf, ours

@@ -1,0 +1,373 @@
+"""The dense decoder shared by the Llama, Qwen2 and Qwen3 families (single device, plain torch).
+
+The three families differ in three switches only, so the block is written once and each
+`modeling_<family>.py` states its switches:
+  - `qkv_bias`: bias on q/k/v projections (Qwen2 always; Llama/Qwen3 via `attention_bias`);
+  - `o_bias`: bias on the output projection (Llama/Qwen3 via `attention_bias`; Qwen2 never);
+  - `qk_norm`: per-head RMSNorm on q and k before RoPE (Qwen3).
+Module and parameter names match Hugging Face transformers exactly, so HF checkpoints load with an
+identity key mapping. No HF modeling code is imported; HF *config* classes are used as the config.
+
+Attention mode is an explicit argument of `forward` (see veomni/ops/attention.py). A model may
+carry a recorded default (`config.dllm_attn_mode`, written when a diffusion checkpoint is saved);
+if the call passes none and the config records none, the call raises instead of guessing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from veomni.models.kv_cache import KVCache
+from veomni.ops.attention import AttnMeta, attention, check_attention
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None
+    hidden_states: Optional[torch.Tensor] = None
+    past_key_values: Optional[KVCache] = None
+
+    def __getitem__(self, key):  # HF-style `out["logits"]`
+        return getattr(self, key)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight: the order HF uses, kept for parity.
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+def _rope_params(config) -> dict:
+    """RoPE settings from a v5 (`rope_parameters`) or v4 (`rope_theta`/`rope_scaling`) config."""
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        params = dict(params)
+    else:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.pop("type", "default"))
+    return params
+
+
+def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
+    p = _rope_params(config)
+    rope_type = p["rope_type"]
+    base = float(p["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(p["factor"])
+    if rope_type == "llama3":
+        # Llama 3.x frequency-dependent scaling: long wavelengths divided by `factor`, short ones
+        # kept, a smooth ramp in between.
+        factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+        old_len = float(p["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        low_wl, high_wl = old_len / low, old_len / high
+        scaled = torch.where(wavelen > low_wl, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return torch.where(is_mid, mid, scaled)
+    raise NotImplementedError(
+        f"rope_type={rope_type!r} is not implemented (supported: default, linear, llama3). "
+        "Add it to veomni/models/transformers/dense_decoder.py:rope_inv_freq."
+    )
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config, head_dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(config, head_dim), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        # fp32 outer product (autocast off) then cast: bf16 angles lose positions beyond ~256.
+        freqs = self.inv_freq[None, :, None].float() @ position_ids[:, None, :].float()
+        emb = torch.cat((freqs, freqs), dim=1).transpose(1, 2)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class MLP(nn.Module):
+    def __init__(self, config, bias: bool = False):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        if config.hidden_act not in _ACTS:
+            raise NotImplementedError(f"hidden_act={config.hidden_act!r} not supported: {sorted(_ACTS)}")
+        self.act = _ACTS[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=o_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = qk_norm
+
+    def forward(self, x, cos, sin, meta: AttnMeta, impl: str, cache: Optional[KVCache], cache_position):
+        bsz, slen, _ = x.shape
+        q = self.q_proj(x).view(bsz, slen, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(bsz, slen, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(bsz, slen, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, cache_position)
+        out = attention(q, k, v, meta, impl, self.scaling)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, slen, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, qkv_bias, o_bias, qk_norm)
+        self.mlp = MLP(config, bias=getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, meta, impl, cache, cache_position):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, impl, cache, cache_position)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embeddings -> N decoder layers -> final norm. Returns normed hidden states [B, S, H]."""
+
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.config = config
+        self.padding_idx = getattr(config, "pad_token_id", None)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, qkv_bias, o_bias, qk_norm) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary_emb = RotaryEmbedding(config, head_dim)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, segment_ids=None,
+                attn_mode="causal", block_size=None, attn_impl="sdpa", past_key_values=None,
+                cache_position=None, inputs_embeds=None):
+        check_attention(attn_mode, attn_impl, block_size)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        bsz, slen = x.shape[:2]
+        dev = x.device
+        if cache_position is None:
+            start = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache_position = torch.arange(start, start + slen, device=dev)
+        if position_ids is None:
+            position_ids = cache_position[None, :].expand(bsz, slen)
+        if segment_ids is not None and past_key_values is not None:
+            raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache.")
+
+        valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        if past_key_values is not None:
+            # attention_mask covers either the new tokens only ([B, Sq]) or the whole row ([B, L]).
+            if valid is None:
+                q_valid = torch.ones(bsz, slen, dtype=torch.bool, device=dev)
+            elif valid.shape[1] == slen:
+                q_valid = valid
+            else:
+                q_valid = valid[:, cache_position]
+            k_pos, k_valid = past_key_values.update_meta(position_ids, q_valid, cache_position)
+            k_valid = None if bool(k_valid.all()) else k_valid
+            k_idx = torch.arange(k_pos.shape[1], device=dev)
+        else:
+            k_pos, k_valid, k_idx = position_ids, valid, cache_position
+        meta = AttnMeta(
+            mode=attn_mode, block_size=block_size, q_idx=cache_position, k_idx=k_idx,
+            q_pos=position_ids, k_pos=k_pos, k_valid=k_valid, q_seg=segment_ids, k_seg=segment_ids,
+        )
+        cos, sin = self.rotary_emb(x, position_ids)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                # Recompute the layer in backward: activation memory O(1 layer) for ~33% more compute.
+                x = checkpoint(layer, x, cos, sin, meta, attn_impl, past_key_values, cache_position,
+                               use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, meta, attn_impl, past_key_values, cache_position)
+        return self.norm(x)
+
+
+class DecoderForCausalLM(nn.Module):
+    """Backbone + LM head. Subclasses set the family switches and `config_class`."""
+
+    config_class = None
+    qkv_bias: Optional[bool] = None  # None -> config.attention_bias
+    o_bias: Optional[bool] = None
+    qk_norm: bool = False
+
+    def __init__(self, config, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = bias if self.qkv_bias is None else self.qkv_bias
+        o_bias = bias if self.o_bias is None else self.o_bias
+        self.model = DecoderModel(config, qkv_bias, o_bias, self.qk_norm)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.attn_impl = attn_impl
+        check_attention("causal", attn_impl)
+        self.tie_weights()
+
+    # ---- HF-like conveniences -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def tie_weights(self) -> None:
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_attn_impl(self, attn_impl: str) -> None:
+        check_attention("causal", attn_impl)
+        self.attn_impl = attn_impl
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        self.model.gradient_checkpointing = enable
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random init (normal(0, initializer_range), norms to 1): for from-scratch training/tests."""
+        std = getattr(self.config, "initializer_range", 0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, std)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        self.model.rotary_emb.inv_freq.copy_(rope_inv_freq(self.config, self.model.rotary_emb.inv_freq.numel() * 2))
+
+    def resolve_attn_mode(self, attn_mode: Optional[str], block_size: Optional[int]):
+        if attn_mode is None:
+            attn_mode = getattr(self.config, "dllm_attn_mode", None)
+            if block_size is None:
+                block_size = getattr(self.config, "dllm_block_size", None)
+        if attn_mode is None:
+            raise ValueError(
+                "attn_mode was not given and the config records none (config.dllm_attn_mode). "
+                "Pass attn_mode='causal' (AR), 'bidirectional' (diffusion) or 'block_causal' "
+                "with block_size."
+            )
+        return attn_mode, block_size
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, segment_ids=None,
+                attn_mode: Optional[str] = None, block_size: Optional[int] = None,
+                past_key_values: Optional[KVCache] = None, cache_position=None, inputs_embeds=None,
+                loss_fn: Optional[Callable] = None, use_cache: bool = False, return_dict: bool = True,
+                logits_to_keep: Optional[torch.Tensor] = None) -> CausalLMOutput:
+        """Run the model.
+
+        attn_mode: 'causal' | 'bidirectional' | 'block_causal' (needs block_size); falls back only
+            to config.dllm_attn_mode, never to a guess.
+        attention_mask: [B, S] 1 = real token, 0 = padding (keys that are padding are never seen).
+        segment_ids: [B, S] packed-document ids (0 = padding); tokens only see their own document.
+        past_key_values/cache_position: see veomni/models/kv_cache.py. use_cache creates a cache.
+        loss_fn: called as loss_fn(hidden_states, lm_head.weight) inside forward (so FSDP has the
+            head unsharded); its result is returned as `loss` and no logits are computed.
+        logits_to_keep: optional index tensor of positions to compute logits for (saves the head).
+        """
+        attn_mode, block_size = self.resolve_attn_mode(attn_mode, block_size)
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
+        hidden = self.model(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            segment_ids=segment_ids, attn_mode=attn_mode, block_size=block_size,
+            attn_impl=self.attn_impl, past_key_values=past_key_values,
+            cache_position=cache_position, inputs_embeds=inputs_embeds,
+        )
+        if loss_fn is not None:
+            return CausalLMOutput(loss=loss_fn(hidden, self.lm_head.weight), hidden_states=hidden,
+                                  past_key_values=past_key_values)
+        h = hidden if logits_to_keep is None else hidden[:, logits_to_keep]
+        return CausalLMOutput(logits=self.lm_head(h), hidden_states=hidden, past_key_values=past_key_values)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (exclude_embeddings and "embed_tokens" in name):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    # ---- checkpoint IO (implemented in veomni/models/hf_io.py) ------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, torch_dtype=None, attn_impl: str = "sdpa",
+                        device="cpu", **kwargs):
+        """Load an HF directory (safetensors, sharded or not) or `path` + gguf_file=... into this class."""
+        from veomni.models.hf_io import load_model
+
+        model = load_model(path, dtype=dtype or torch_dtype, attn_impl=attn_impl, device=device, **kwargs)
+        if not isinstance(model, cls):
+            raise TypeError(
+                f"{path} holds model_type={model.config.model_type!r} ({type(model).__name__}), "
+                f"not {cls.__name__}. Use veomni.models.load_model(path) to pick the class by config."
+            )
+        return model
+
+    def save_pretrained(self, path, tokenizer=None, **kwargs) -> None:
+        from veomni.models.hf_io import save_model
+
+        save_model(self, path, tokenizer=tokenizer, **kwargs)
