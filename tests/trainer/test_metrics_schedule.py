@@ -1,0 +1,51 @@
+import math
+
+import pytest
+from transformers import LlamaConfig
+
+from veomni.models.flops import dense_decoder_dims, dense_decoder_flops
+from veomni.trainer.metrics import gpu_peak_flops, measure_matmul_peak
+from veomni.trainer.schedule import lr_factor
+
+
+@pytest.mark.parametrize("name,dtype,expected", [
+    ("NVIDIA H200", "bf16", 989.4e12),
+    ("NVIDIA H20", "bf16", 148e12),  # not the H200 entry: substring matching got this wrong
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4e12),
+    ("NVIDIA H100 PCIe", "bf16", 756e12),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+    ("NVIDIA A100-SXM4-80GB", "fp32", 19.5e12),
+    ("Some Future GPU", "bf16", None),
+])
+def test_gpu_peak_table(name, dtype, expected):
+    assert gpu_peak_flops(name, dtype) == expected
+
+
+def test_cpu_matmul_peak_is_measured():
+    peak = measure_matmul_peak(size=256, repeats=2)
+    assert 1e8 < peak < 1e14
+
+
+def test_flops_formula_by_hand():
+    cfg = LlamaConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    d = dense_decoder_dims(cfg)
+    # per layer: q 8*8 + k,v 2*8*4 + o 8*8 = 192; mlp 3*8*16 = 384
+    assert d["body_params"] == 2 * (192 + 384)
+    f = dense_decoder_flops(cfg, [3, 5], head_tokens=4, attn_mode="bidirectional")
+    expected = 6 * 1152 * 8 + 6 * 800 * 4 + 12 * (9 + 25) * 4 * 2 * 2
+    assert f == expected
+    assert dense_decoder_flops(cfg, [3, 5], head_tokens=4, attn_mode="causal") == expected - 6 * (9 + 25) * 4 * 2 * 2
+
+
+def test_lr_schedules():
+    assert lr_factor(0, 10, 100, "cosine", 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(77, 10, 100, "constant", 0.0) == 1.0
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        lr_factor(50, 0, 100, "step", 0.0)
+    assert not math.isnan(lr_factor(0, 0, 0, "cosine", 0.0))

@@ -1,0 +1,1 @@
+"""Strict nested-dataclass configs. The public entry point is ``veomni.arguments``."""

@@ -1,0 +1,296 @@
+"""The config schema: ``Arguments`` = ``model`` + ``data`` + ``train`` + ``infer`` groups.
+
+Every field carries help text (``cfg_field(default, help=...)``), shown by ``--help``. Checks and
+derived values live in small named helpers called from ``__post_init__``; a subclass that adds
+fields must call ``super().__post_init__()``. Messages name fields by their usual dotted path
+(``model.block_size``) because these groups always sit under those names in ``Arguments``.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from .parser import ConfigError, cfg_field
+
+AttnImpl = Literal["sdpa", "eager", "flex", "flash_attention_2"]
+AttnMode = Literal["causal", "bidirectional", "block_causal"]
+SamplerAlg = Literal["origin", "maskgit_plus", "topk_margin", "entropy", "p2", "low_confidence", "random",
+                     "threshold", "factor", "multi_block"]
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _at_least(name: str, value: Optional[float], low: float) -> None:
+    """``value >= low`` (None passes: the field is unset)."""
+    _check(value is None or value >= low, f"{name} must be >= {low}, got {value!r}")
+
+
+def _between(name: str, value: Optional[float], low: float, high: float, *, low_open: bool = False,
+             high_open: bool = False) -> None:
+    """``value`` in the interval; brackets in the message show which ends are open."""
+    if value is None:
+        return
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    _check(ok_low and ok_high, f"{name} must be in {interval}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class ModelArgs:
+    model_path: Optional[str] = cfg_field(
+        None, help="HF model directory or .gguf file to start from. Required by training and inference "
+                   "(they call model.require_model_path()); left optional so configs can be checked alone.")
+    tokenizer_path: Optional[str] = cfg_field(None, help="Tokenizer directory; defaults to model_path.")
+    attn_impl: AttnImpl = cfg_field("sdpa", help="Attention kernel. Every backend honours attn_mode.")
+    attn_mode: AttnMode = cfg_field(
+        "bidirectional", help="Who attends to whom: causal (AR), bidirectional (masked diffusion), or "
+                              "block_causal (bidirectional inside blocks of block_size, causal across).")
+    block_size: Optional[int] = cfg_field(
+        None, help="Block length for attn_mode=block_causal (required there, rejected otherwise).")
+    mask_token: str = cfg_field("<|mask|>", help="Mask token string; added to the tokenizer (and the "
+                                                 "embeddings resized) if the tokenizer lacks it.")
+    dtype: Literal["float32", "bfloat16", "float16"] = cfg_field(
+        "float32", help="dtype the weights are loaded in.")
+    gradient_checkpointing: bool = cfg_field(False, help="Recompute activations in backward to save memory.")
+
+    def __post_init__(self) -> None:
+        self._derive_tokenizer_path()
+        self._check_attention()
+        _check(self.mask_token != "", "model.mask_token must not be empty")
+
+    def _derive_tokenizer_path(self) -> None:
+        if self.tokenizer_path is None:
+            self.tokenizer_path = self.model_path
+
+    def _check_attention(self) -> None:
+        if self.attn_mode == "block_causal":
+            _check(self.block_size is not None,
+                   "model.attn_mode='block_causal' needs model.block_size (e.g. --model.block_size=32)")
+            _at_least("model.block_size", self.block_size, 1)
+        else:
+            _check(self.block_size is None,
+                   f"model.block_size={self.block_size} only applies to model.attn_mode='block_causal' "
+                   f"(attn_mode is '{self.attn_mode}'); remove it or change attn_mode")
+
+    def require_model_path(self) -> str:
+        """The model path, or a ConfigError telling the user how to set it."""
+        _check(bool(self.model_path), "model.model_path is not set: give it in the YAML file or with "
+                                      "--model.model_path=PATH (an HF model directory or a .gguf file)")
+        return self.model_path
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class DataArgs:
+    train_path: Optional[str] = cfg_field(None, help="Training data: a .jsonl file or a directory of them.")
+    eval_path: Optional[str] = cfg_field(None, help="Evaluation data (.jsonl); or use eval_split_ratio.")
+    data_type: Literal["pretrain", "sft"] = cfg_field(
+        "pretrain", help="pretrain: every token can be masked; sft: chat records, prompt never masked.")
+    text_key: str = cfg_field("text", help="JSON key holding the text of a pretrain record.")
+    max_seq_len: int = cfg_field(2048, help="Tokens per training sequence (packed or truncated to this).")
+    packing: bool = cfg_field(True, help="Pack several documents into one sequence (attention and noise "
+                                         "stay per document via position_ids).")
+    cache_dir: Optional[str] = cfg_field(None, help="Where tokenized data is cached; none = no cache.")
+    num_workers: int = cfg_field(0, help="DataLoader worker processes.")
+    skip_bad_lines: bool = cfg_field(False, help="Skip (and count) unparsable JSONL lines instead of "
+                                                 "raising on the first one.")
+    eval_split_ratio: float = cfg_field(0.0, help="Fraction of train_path held out for evaluation "
+                                                  "(0 = none). Exclusive with eval_path.")
+
+    def __post_init__(self) -> None:
+        _at_least("data.max_seq_len", self.max_seq_len, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        _between("data.eval_split_ratio", self.eval_split_ratio, 0.0, 1.0, high_open=True)
+        _check(self.text_key != "", "data.text_key must not be empty")
+        _check(not (self.eval_path and self.eval_split_ratio > 0),
+               "set either data.eval_path or data.eval_split_ratio, not both")
+
+
+# ----------------------------------------------------------------------------- train
+@dataclass
+class TrainArgs:
+    output_dir: str = cfg_field("outputs/run", help="Checkpoints, logs and resolved_config.yaml go here.")
+    max_steps: Optional[int] = cfg_field(None, help="Optimizer steps to run; none = num_train_epochs "
+                                                    "over the data.")
+    num_train_epochs: int = cfg_field(1, help="Epochs when max_steps is none.")
+    save_steps: int = cfg_field(0, help="Checkpoint every N steps; 0 = only at the end.")
+    save_total_limit: int = cfg_field(3, help="Keep at most this many checkpoints; 0 = keep all.")
+    seed: int = cfg_field(42, help="Seed for model init, data order and noise.")
+    micro_batch_size: int = cfg_field(1, help="Sequences per forward pass on one data-parallel rank.")
+    global_batch_size: Optional[int] = cfg_field(
+        None, help="Sequences per optimizer step over all ranks; none = micro_batch_size * dp_size. "
+                   "Gradient accumulation = global / (micro * dp) (see resolve_batch).")
+    lr: float = cfg_field(1e-4, help="Peak learning rate.")
+    min_lr_ratio: float = cfg_field(0.0, help="Final learning rate as a fraction of lr.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = cfg_field(
+        "cosine", help="Decay after warmup, down to lr * min_lr_ratio.")
+    warmup_steps: int = cfg_field(0, help="Linear warmup steps from 0 to lr.")
+    weight_decay: float = cfg_field(0.0, help="AdamW weight decay.")
+    betas: list[float] = cfg_field([0.9, 0.95], help="AdamW (beta1, beta2).")
+    max_grad_norm: float = cfg_field(1.0, help="Clip the global gradient norm to this; 0 = no clipping.")
+    objective: Literal["mdm", "ar"] = cfg_field(
+        "mdm", help="mdm: masked-diffusion loss; ar: next-token loss (needs model.attn_mode=causal).")
+    loss_weighting: Literal["inv_t", "none"] = cfg_field(
+        "inv_t", help="Per-token weight of the MDM loss: inv_t = 1/t (the ELBO), none = 1.")
+    loss_normalization: Literal["masked", "maskable"] = cfg_field(
+        "maskable", help="Divide the summed loss by the global count of masked tokens, or of maskable "
+                         "tokens (all tokens that could be masked).")
+    logit_shift: bool = cfg_field(True, help="Predict token i from position i-1 (Dream/AR-initialised "
+                                             "models); false = predict at position i (LLaDA).")
+    noise_eps: float = cfg_field(1e-3, help="Noise level t is drawn from U(noise_eps, 1).")
+    noise_per_document: bool = cfg_field(True, help="Draw t per packed document instead of per sequence.")
+    mixed_precision: Literal["fp32", "bf16"] = cfg_field(
+        "fp32", help="Compute dtype; bf16 keeps fp32 master weights.")
+    data_parallel: Literal["fsdp2", "ddp", "none"] = cfg_field(
+        "fsdp2", help="How parameters are replicated/sharded over ranks.")
+    freeze: list[str] = cfg_field([], help="Regexes (re.search) on parameter names to freeze, e.g. "
+                                           "[embed_tokens] or embed,lm_head.")
+    log_steps: int = cfg_field(1, help="Log metrics every N steps.")
+    eval_steps: int = cfg_field(0, help="Evaluate every N steps; 0 = never during training.")
+    use_wandb: bool = cfg_field(False, help="Also log to Weights & Biases (needs the wandb extra).")
+    wandb_project: Optional[str] = cfg_field(None, help="W&B project name.")
+
+    def __post_init__(self) -> None:
+        self._check_schedule()
+        self._check_optimizer()
+        self._check_batch()
+        self._check_freeze()
+        _between("train.noise_eps", self.noise_eps, 0.0, 1.0, low_open=True, high_open=True)
+        _at_least("train.log_steps", self.log_steps, 1)
+        _at_least("train.eval_steps", self.eval_steps, 0)
+        # Set by resolve_batch once the data-parallel size is known (not config fields).
+        self._auto_global_batch = self.global_batch_size is None
+        self._grad_accum_steps: Optional[int] = None
+
+    def _check_schedule(self) -> None:
+        _at_least("train.max_steps", self.max_steps, 1)
+        _at_least("train.num_train_epochs", self.num_train_epochs, 1)
+        _at_least("train.save_steps", self.save_steps, 0)
+        _at_least("train.save_total_limit", self.save_total_limit, 0)
+        _at_least("train.warmup_steps", self.warmup_steps, 0)
+        _check(self.max_steps is None or self.warmup_steps <= self.max_steps,
+               f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}")
+
+    def _check_optimizer(self) -> None:
+        _at_least("train.lr", self.lr, 0.0)
+        _between("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _at_least("train.weight_decay", self.weight_decay, 0.0)
+        _at_least("train.max_grad_norm", self.max_grad_norm, 0.0)
+        _check(len(self.betas) == 2, f"train.betas needs 2 values (beta1, beta2), got {self.betas}")
+        for i, beta in enumerate(self.betas):
+            _between(f"train.betas[{i}]", beta, 0.0, 1.0, high_open=True)
+
+    def _check_batch(self) -> None:
+        _at_least("train.micro_batch_size", self.micro_batch_size, 1)
+        _at_least("train.global_batch_size", self.global_batch_size, 1)
+
+    def _check_freeze(self) -> None:
+        for pattern in self.freeze:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"train.freeze pattern {pattern!r} is not a valid regex: {exc}") from None
+
+    def resolve_batch(self, dp_size: int) -> int:
+        """Fix the batch geometry for ``dp_size`` data-parallel ranks; return grad_accum_steps.
+
+        Fills ``global_batch_size`` (micro * dp when it was left unset) and sets
+        ``grad_accum_steps = global_batch_size / (micro_batch_size * dp_size)``.
+        """
+        _check(isinstance(dp_size, int) and dp_size >= 1, f"dp_size must be an int >= 1, got {dp_size!r}")
+        per_step = self.micro_batch_size * dp_size
+        if self._auto_global_batch:
+            self.global_batch_size = per_step
+        if self.global_batch_size % per_step:
+            low = max(per_step, self.global_batch_size // per_step * per_step)
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batch_size * dp_size = {self.micro_batch_size} * {dp_size} = {per_step}; "
+                f"use a multiple of {per_step} (e.g. {low} or {low + per_step}) or change micro_batch_size")
+        self._grad_accum_steps = self.global_batch_size // per_step
+        return self._grad_accum_steps
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step on each rank; set by ``resolve_batch``."""
+        _check(self._grad_accum_steps is not None,
+               "train.grad_accum_steps is not known yet: call args.train.resolve_batch(dp_size) first")
+        return self._grad_accum_steps
+
+
+# ----------------------------------------------------------------------------- inference
+@dataclass
+class InferArgs:
+    max_new_tokens: int = cfg_field(128, help="Tokens to generate after the prompt.")
+    steps: Optional[int] = cfg_field(None, help="Denoising steps; none = max_new_tokens.")
+    alg: SamplerAlg = cfg_field("maskgit_plus", help="Which positions to reveal each step (Dream algs, "
+                                                     "p2, LLaDA low_confidence/random, Fast-dLLM "
+                                                     "threshold/factor, d3LLM multi_block).")
+    temperature: float = cfg_field(0.0, help="Sampling temperature; 0 = greedy.")
+    top_p: Optional[float] = cfg_field(None, help="Nucleus sampling mass; none = off.")
+    top_k: Optional[int] = cfg_field(None, help="Keep only the k most likely tokens; none = off.")
+    eps: float = cfg_field(1e-3, help="Final noise level of the time grid linspace(1, eps, steps+1).")
+    alg_temp: Optional[float] = cfg_field(None, help="Sample positions from softmax(confidence/alg_temp) "
+                                                     "instead of taking the top ones; none = top.")
+    block_length: Optional[int] = cfg_field(None, help="Semi-autoregressive block length; none = one "
+                                                       "block of max_new_tokens.")
+    threshold: Optional[float] = cfg_field(None, help="Confidence threshold for alg=threshold (required "
+                                                      "there) or the entropy threshold of multi_block.")
+    factor: Optional[float] = cfg_field(None, help="Parallel-decoding factor for alg=factor (required there).")
+    cfg_scale: float = cfg_field(0.0, help="Classifier-free guidance scale; 0 = off.")
+    use_cache: Literal["none", "prefix", "dual", "block"] = cfg_field(
+        "none", help="KV cache: none, prefix (Fast-dLLM), dual (prefix + suffix), block.")
+    seed: int = cfg_field(0, help="Seed for sampling.")
+
+    def __post_init__(self) -> None:
+        self._derive_steps()
+        self._check_ranges()
+        self._check_alg_needs()
+
+    def _derive_steps(self) -> None:
+        if self.steps is None:
+            self.steps = self.max_new_tokens
+
+    def _check_ranges(self) -> None:
+        _at_least("infer.max_new_tokens", self.max_new_tokens, 1)
+        _at_least("infer.steps", self.steps, 1)
+        _at_least("infer.temperature", self.temperature, 0.0)
+        _between("infer.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _at_least("infer.top_k", self.top_k, 1)
+        _between("infer.eps", self.eps, 0.0, 1.0, low_open=True, high_open=True)
+        _at_least("infer.alg_temp", self.alg_temp, 0.0)
+        _at_least("infer.block_length", self.block_length, 1)
+        if self.alg == "multi_block":  # an entropy bound, not a probability
+            _at_least("infer.threshold", self.threshold, 0.0)
+        else:
+            _between("infer.threshold", self.threshold, 0.0, 1.0, low_open=True)
+        _between("infer.factor", self.factor, 0.0, float("inf"), low_open=True)
+        _at_least("infer.cfg_scale", self.cfg_scale, 0.0)
+
+    def _check_alg_needs(self) -> None:
+        for alg, name in (("threshold", "threshold"), ("factor", "factor")):
+            _check(self.alg != alg or getattr(self, name) is not None,
+                   f"infer.alg='{alg}' needs infer.{name} (e.g. --infer.{name}=0.9)")
+
+
+# ----------------------------------------------------------------------------- root
+@dataclass
+class Arguments:
+    model: ModelArgs = cfg_field(default_factory=ModelArgs, help="Model and attention.")
+    data: DataArgs = cfg_field(default_factory=DataArgs, help="Training/eval data.")
+    train: TrainArgs = cfg_field(default_factory=TrainArgs, help="Optimisation and the MDM objective.")
+    infer: InferArgs = cfg_field(default_factory=InferArgs, help="Sampling.")
+
+    def __post_init__(self) -> None:
+        self._check_objective_vs_attention()
+
+    def _check_objective_vs_attention(self) -> None:
+        # An AR loss under bidirectional attention lets each position see the token it predicts:
+        # the loss collapses to ~0 and the model learns nothing usable.
+        _check(self.train.objective != "ar" or self.model.attn_mode == "causal",
+               f"train.objective='ar' needs model.attn_mode='causal' (got '{self.model.attn_mode}')")
