@@ -1,0 +1,225 @@
+"""Training objectives: masked diffusion (MDM) and the autoregressive baseline (AR).
+
+Both share one interface, used by the trainer for every micro-batch:
+
+    corr  = objective.prepare(batch, generator)        # before the forward
+    local = objective.num_loss_tokens(corr)             # int
+    # trainer: global_den = all_reduce(SUM over ranks of SUM over the step's micro-batches of local)
+    fn    = objective.loss_fn(corr, global_den)
+    out   = model(**objective.model_inputs(batch, corr), loss_fn=fn)
+    share = out.loss                                    # sum(weight * CE) / global_den
+
+Summing ``share`` over the micro-batches of a step and over the ranks gives the global mean;
+dividing by the number of micro-batches instead is the classic bug (NOTES §3) and is what the
+global denominator replaces. See ``loss_fn`` for the DDP/FSDP gradient scaling.
+
+The model calls ``fn(hidden_states, head_weight)`` inside its own forward, so under FSDP the head
+weight is unsharded there. ``fn`` gathers the hidden rows that predict a scored token and runs
+the chunked head + CE on those rows only: the [B, S, V] logits never exist.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from veomni.diffusion.noise import Corruption, corrupt, score_all
+from veomni.ops.chunked_ce import DEFAULT_CHUNK_SIZE, chunked_linear_cross_entropy
+
+__all__ = ["MDMObjective", "ARObjective", "build_objective", "WEIGHTINGS", "NORMALIZATIONS"]
+
+WEIGHTINGS = ("inv_t", "none")
+NORMALIZATIONS = ("masked", "maskable")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name}={value!r}; choose one of {list(choices)}")
+
+
+def _denominator(global_denominator, n_local_scored: int) -> float:
+    if isinstance(global_denominator, torch.Tensor):
+        if global_denominator.numel() != 1:
+            raise ValueError(f"global_denominator must be a scalar, got shape {tuple(global_denominator.shape)}")
+        global_denominator = global_denominator.item()
+    denom = float(global_denominator)
+    if denom < 0 or (denom == 0 and n_local_scored > 0):
+        raise ValueError(
+            f"global_denominator={denom} but this micro-batch scores {n_local_scored} tokens: pass the SUM of "
+            "num_loss_tokens() over all micro-batches of the step and all ranks (all_reduce SUM)"
+        )
+    return denom
+
+
+class _HeadObjective:
+    """Shared plumbing: model inputs, the gather of scored rows, and the chunked head + CE."""
+
+    attn_mode: str
+    logit_shift: bool
+    chunk_size: int
+
+    def model_inputs(self, batch: dict, corr: Corruption) -> dict:
+        """Keyword arguments for the model call (add ``loss_fn=`` yourself)."""
+        if "position_ids" not in batch:
+            raise KeyError("batch is missing 'position_ids' (restarting at 0 for each packed document)")
+        return {
+            "input_ids": corr.noisy_ids,
+            "position_ids": batch["position_ids"],
+            "segment_ids": batch["segment_ids"],
+            "attention_mask": batch["attention_mask"],
+            "attn_mode": self.attn_mode,
+        }
+
+    def _token_weights(self, corr: Corruption) -> torch.Tensor:
+        raise NotImplementedError
+
+    def num_loss_tokens(self, corr: Corruption) -> int:
+        raise NotImplementedError
+
+    def loss_fn(self, corr: Corruption, global_denominator) -> LossFn:
+        """A callable ``(hidden [B, S, H], head_weight [V, H]) -> 0-d loss`` for this micro-batch.
+
+        It returns sum over this micro-batch's scored tokens of weight * CE, divided by
+        ``global_denominator`` (the all-reduced sum of ``num_loss_tokens`` over every micro-batch
+        of the step on every rank). The shares of all micro-batches and ranks add up to the
+        global mean loss.
+
+        Gradient scaling: DDP and FSDP AVERAGE gradients over the data-parallel ranks (they divide
+        the summed gradient by the dp world size). The gradient of the global mean is the SUM of
+        the ranks' share-gradients, so the trainer must backward ``share * dp_world_size`` (and
+        must not divide by the number of micro-batches). Log the unscaled share sum.
+        """
+        n_local = corr.targets.numel()
+        denom = _denominator(global_denominator, n_local)
+        # Folding 1/denom into the per-token weights keeps the CE kernel a plain weighted sum.
+        weights = self._token_weights(corr) * (1.0 / denom if denom > 0 else 0.0)
+        loss_positions, targets, batch_shape = corr.loss_positions, corr.targets, tuple(corr.masked.shape)
+        chunk_size = self.chunk_size
+
+        def fn(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+            if hidden.dim() != 3 or tuple(hidden.shape[:2]) != batch_shape:
+                raise ValueError(
+                    f"loss_fn expects hidden_states [B, S, H] with [B, S] = {list(batch_shape)}, got "
+                    f"{tuple(hidden.shape)} (was the batch sliced, e.g. for sequence parallel, after prepare()?)"
+                )
+            pos = loss_positions.to(hidden.device)
+            rows = hidden[pos[:, 0], pos[:, 1]]  # [K, H]: the head runs only where there is a loss
+            return chunked_linear_cross_entropy(
+                rows,
+                head_weight,
+                targets.to(hidden.device),
+                weights.to(hidden.device),
+                chunk_size=chunk_size,
+            )
+
+        return fn
+
+
+class MDMObjective(_HeadObjective):
+    """Masked-diffusion loss (the ELBO of a linear-schedule absorbing-state diffusion).
+
+    weighting:     "inv_t" multiplies each masked token's CE by 1/t (the ELBO weight, as in
+                   dllm and LLaDA); "none" is a plain mean over masked tokens (Open-dLLM's main term).
+    normalization: "maskable" divides by the number of eligible tokens, masked or not (dllm);
+                   "masked" divides by the number of masked tokens.
+    logit_shift:   True: token i is predicted from the hidden state at i-1 (Dream / Open-dCoder,
+                   the right choice for AR-initialised models); False: from position i (LLaDA).
+    eps:           t ~ U(eps, 1); keeps 1/t bounded by 1/eps.
+    per_document:  one t per packed document (True) or per row (False).
+    """
+
+    attn_mode = "bidirectional"
+
+    def __init__(
+        self,
+        *,
+        mask_token_id: int,
+        weighting: str = "inv_t",
+        normalization: str = "maskable",
+        logit_shift: bool = True,
+        eps: float = 1e-3,
+        per_document: bool = True,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ):
+        _check_choice("weighting", weighting, WEIGHTINGS)
+        _check_choice("normalization", normalization, NORMALIZATIONS)
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"eps must be in (0, 1), got {eps}")
+        if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or mask_token_id < 0:
+            raise ValueError(f"mask_token_id must be a non-negative int, got {mask_token_id!r}")
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.mask_token_id = mask_token_id
+        self.weighting = weighting
+        self.normalization = normalization
+        self.logit_shift = bool(logit_shift)
+        self.eps = float(eps)
+        self.per_document = bool(per_document)
+        self.chunk_size = chunk_size
+
+    def prepare(self, batch: dict, generator: torch.Generator) -> Corruption:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                "MDMObjective.prepare needs a torch.Generator: "
+                "use veomni.diffusion.noise.make_generator(seed, step, rank, micro_step)"
+            )
+        return corrupt(
+            batch,
+            mask_token_id=self.mask_token_id,
+            eps=self.eps,
+            per_document=self.per_document,
+            generator=generator,
+            logit_shift=self.logit_shift,
+        )
+
+    def num_loss_tokens(self, corr: Corruption) -> int:
+        return corr.n_masked if self.normalization == "masked" else corr.n_maskable
+
+    def _token_weights(self, corr: Corruption) -> torch.Tensor:
+        if self.weighting == "inv_t":
+            return 1.0 / corr.loss_t.float()
+        return torch.ones(corr.targets.numel(), dtype=torch.float32, device=corr.targets.device)
+
+
+class ARObjective(_HeadObjective):
+    """Causal next-token CE on every eligible token (baseline). Same interface as MDMObjective.
+
+    Always shifted (token i from position i-1); the first token of each packed document is not
+    scored, exactly as in the MDM objective, so both report losses over comparable token sets.
+    Normalised by the global number of scored tokens.
+    """
+
+    attn_mode = "causal"
+
+    def __init__(self, *, logit_shift: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        if not logit_shift:
+            raise ValueError(
+                "ARObjective requires logit_shift=True: under causal attention an unshifted head "
+                "would predict the token it already sees"
+            )
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.logit_shift = True
+        self.chunk_size = chunk_size
+
+    def prepare(self, batch: dict, generator: torch.Generator | None = None) -> Corruption:
+        # generator is accepted for a uniform trainer call and unused: nothing is random here.
+        return score_all(batch, logit_shift=True)
+
+    def num_loss_tokens(self, corr: Corruption) -> int:
+        return corr.n_maskable
+
+    def _token_weights(self, corr: Corruption) -> torch.Tensor:
+        return torch.ones(corr.targets.numel(), dtype=torch.float32, device=corr.targets.device)
+
+
+def build_objective(name: str, **kwargs) -> _HeadObjective:
+    """'mdm' -> MDMObjective(**kwargs), 'ar' -> ARObjective(**kwargs)."""
+    if name == "mdm":
+        return MDMObjective(**kwargs)
+    if name == "ar":
+        return ARObjective(**kwargs)
+    raise ValueError(f"unknown objective {name!r}; choose 'mdm' (masked diffusion) or 'ar' (causal baseline)")
