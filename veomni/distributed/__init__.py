@@ -1,0 +1,29 @@
+"""Parallel state (one DeviceMesh), FSDP2/DDP wrapping, gradient clipping. See docs/parallelism.md.
+
+Names are loaded on first use so `import veomni.distributed` does not import torch.distributed.
+"""
+
+_EXPORTS = {
+    "ParallelState": "parallel_state",
+    "init_parallel_state": "parallel_state",
+    "get_parallel_state": "parallel_state",
+    "loss_scale_for_grad_averaging": "parallel_state",
+    "mesh_layout": "parallel_state",
+    "ParallelizeConfig": "parallelism",
+    "parallelize": "parallelism",
+    "autocast_context": "parallelism",
+    "clip_grad_norm_": "parallelism",
+    "no_grad_sync": "parallelism",
+    "unwrap_model": "utils",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)
