@@ -57,6 +57,8 @@ class ModelArgs:
     dtype: Literal["float32", "bfloat16", "float16"] = cfg_field(
         "float32", help="dtype the weights are loaded in.")
     gradient_checkpointing: bool = cfg_field(False, help="Recompute activations in backward to save memory.")
+    init_from_scratch: bool = cfg_field(False, help="Random-initialise the model from model_path's "
+                                                    "config instead of loading its weights (pretraining).")
 
     def __post_init__(self) -> None:
         self._derive_tokenizer_path()
@@ -154,6 +156,16 @@ class TrainArgs:
     eval_steps: int = cfg_field(0, help="Evaluate every N steps; 0 = never during training.")
     use_wandb: bool = cfg_field(False, help="Also log to Weights & Biases (needs the wandb extra).")
     wandb_project: Optional[str] = cfg_field(None, help="W&B project name.")
+    resume: bool = cfg_field(True, help="Resume from the newest valid checkpoint in output_dir if there "
+                                        "is one (re-running the same command continues the run).")
+    export_hf: bool = cfg_field(True, help="Write an HF model directory to <output_dir>/hf at the end.")
+    peak_flops: Optional[float] = cfg_field(None, help="Device peak FLOP/s for MFU; none = exact GPU "
+                                                       "table, or a matmul measured at start-up on CPU.")
+    eval_max_batches: int = cfg_field(0, help="Evaluate on at most this many batches; 0 = all.")
+    ce_chunk_size: int = cfg_field(2048, help="Rows of the LM head + cross-entropy computed at once "
+                                              "(memory O(chunk x vocab)).")
+    progress_bar: bool = cfg_field(True, help="Show a progress bar with tok/s and ETA (main rank).")
+    dp_replicate: int = cfg_field(1, help="HSDP: replicate groups (dp_shard = world / dp_replicate).")
 
     def __post_init__(self) -> None:
         self._check_schedule()
@@ -246,6 +258,18 @@ class InferArgs:
     use_cache: Literal["none", "prefix", "dual", "block"] = cfg_field(
         "none", help="KV cache: none, prefix (Fast-dLLM), dual (prefix + suffix), block.")
     seed: int = cfg_field(0, help="Seed for sampling.")
+    exact_step_counts: bool = cfg_field(
+        False, help="Dream algs / LLaDA: spread the tokens exactly over the steps instead of Dream's "
+                    "floored int(#mask * (1 - s/t)) per step.")
+    block_add_threshold: Optional[float] = cfg_field(
+        None, help="alg=multi_block: append a new block once the last one is this fraction decoded; "
+                   "none = 0.1.")
+    decoded_token_threshold: Optional[float] = cfg_field(
+        None, help="alg=multi_block: a block is fully active once its predecessor is this fraction "
+                   "decoded; none = 0.95.")
+    stop_strings: list[str] = cfg_field(
+        [], help="Cut each completion before the first of these strings (after EOS trimming). A string "
+                 "with a comma needs the YAML form: --infer.stop_strings='[\"a,b\"]'.")
 
     def __post_init__(self) -> None:
         self._derive_steps()
@@ -271,6 +295,9 @@ class InferArgs:
             _between("infer.threshold", self.threshold, 0.0, 1.0, low_open=True)
         _between("infer.factor", self.factor, 0.0, float("inf"), low_open=True)
         _at_least("infer.cfg_scale", self.cfg_scale, 0.0)
+        _between("infer.block_add_threshold", self.block_add_threshold, 0.0, 1.0)
+        _between("infer.decoded_token_threshold", self.decoded_token_threshold, 0.0, 1.0)
+        _check(all(self.stop_strings), "infer.stop_strings must not contain an empty string")
 
     def _check_alg_needs(self) -> None:
         for alg, name in (("threshold", "threshold"), ("factor", "factor")):

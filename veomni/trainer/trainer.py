@@ -1,0 +1,361 @@
+"""The training loop: AR checkpoint -> masked-diffusion LM (or an AR baseline), on CPU or GPU.
+
+One step, in order (each numbered comment below matches):
+  1. draw grad_accum micro-batches from the stateful loader;
+  2. corrupt each with noise from a generator seeded by (seed, step, global micro-batch index), so
+     a resumed run draws exactly the noise the uninterrupted one would have, on any world size;
+  3. count the loss tokens of all micro-batches on all ranks (one all-reduce) -> global denominator;
+  4. forward with the loss computed inside the model (head only at loss positions), backward
+     `share * dp_size` (DDP/FSDP average gradients over ranks; see docs/training.md);
+  5. clip, step, schedule; stop on a non-finite loss before the optimizer touches the weights;
+  6. log, evaluate, checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from veomni.arguments import Arguments, save_yaml, to_dict
+from veomni.trainer.loggers import RunLogger, plot_loss_curve, setup_console_logging
+from veomni.trainer.metrics import Throughput, device_peak_flops, memory_stats
+from veomni.trainer.schedule import build_scheduler
+
+logger = logging.getLogger("veomni")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, args: Arguments):
+        self.args = args
+        self._setup()
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        from veomni.distributed import init_parallel_state
+
+        a = self.args
+        self.ps = init_parallel_state(dp_mode=a.train.data_parallel, dp_replicate=a.train.dp_replicate)
+        setup_console_logging(self.ps.rank)
+        self.grad_accum = a.train.resolve_batch(self.ps.dp_size)
+        self.out_dir = Path(a.train.output_dir)
+        torch.manual_seed(a.train.seed)  # model init (from scratch) is identical on every rank
+
+        self.tokenizer, self.model = self._build_model()
+        self.mask_token_id = self.model.config.mask_token_id
+        self._build_data()
+        self._build_objective()
+        self.peak_flops = device_peak_flops(self.ps.device, a.train.mixed_precision, a.train.peak_flops)
+
+        from veomni.distributed import parallelize
+
+        self._par_cfg = dict(dp_mode=a.train.data_parallel, mixed_precision=a.train.mixed_precision,
+                             gradient_checkpointing=a.model.gradient_checkpointing)
+        self.model = parallelize(self.model, self.ps, self._par_cfg)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=a.train.lr, betas=tuple(a.train.betas),
+                                           weight_decay=a.train.weight_decay, eps=1e-8)
+        self.total_steps = self._total_steps()
+        self.scheduler = build_scheduler(self.optimizer, a.train.lr_scheduler, a.train.warmup_steps,
+                                         self.total_steps, a.train.min_lr_ratio)
+        self.step = 0
+        self.tokens_seen = 0
+        self._iter = None
+        self._resume()
+        if self.ps.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(a, self.out_dir / "resolved_config.yaml")
+        self.run_logger = RunLogger(str(self.out_dir), enabled=self.ps.is_main, use_wandb=a.train.use_wandb,
+                                    wandb_project=a.train.wandb_project, config_dict=to_dict(a),
+                                    resume_step=self.step)
+
+    def _build_model(self):
+        from veomni.models.hf_io import load_model, load_tokenizer
+        from veomni.models.mask_token import ensure_mask_token
+
+        a = self.args
+        path = a.model.require_model_path()
+        tokenizer = load_tokenizer(a.model.tokenizer_path or path)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.model.dtype]
+        if a.model.init_from_scratch:
+            from transformers import AutoConfig
+
+            from veomni.models.registry import build_model
+
+            model = build_model(AutoConfig.from_pretrained(path), attn_impl=a.model.attn_impl)
+            model.init_weights()
+            model.to(dtype)
+        else:
+            model = load_model(path, dtype=dtype, attn_impl=a.model.attn_impl)
+        ensure_mask_token(model, tokenizer, a.model.mask_token)
+        # Record how this model is meant to be run, so inference and exports need no guessing.
+        model.config.dllm_attn_mode = a.model.attn_mode
+        model.config.dllm_block_size = a.model.block_size
+        model.config.dllm_logit_shift = a.train.logit_shift
+        model.to(self.ps.device)
+        self._apply_freeze(model)
+        return tokenizer, model
+
+    def _apply_freeze(self, model) -> None:
+        patterns = self.args.train.freeze
+        if not patterns:
+            return
+        frozen = 0
+        for name, p in model.named_parameters():
+            if any(re.search(pat, name) for pat in patterns):
+                p.requires_grad_(False)
+                frozen += p.numel()
+        if frozen == 0:
+            raise ValueError(f"train.freeze={patterns} matched no parameter name; check the regexes "
+                             "(names look like model.layers.0.self_attn.q_proj.weight)")
+        logger.info("froze %.1fM parameters matching %s", frozen / 1e6, patterns)
+
+    def _build_data(self) -> None:
+        from veomni.data.loader import build_dataloaders
+
+        a = self.args
+        if not a.data.train_path:
+            raise ValueError("data.train_path is not set: point it at a .jsonl file, a text file or a directory.")
+        cache_dir = a.data.cache_dir or str(self.out_dir / "data_cache")
+        # Rank 0 tokenizes and fills the cache first; the others then read it instead of all
+        # ranks tokenizing the same corpus at once.
+        kwargs = dict(micro_batch_size=a.train.micro_batch_size, data_type=a.data.data_type,
+                      max_seq_len=a.data.max_seq_len, packing=a.data.packing, cache_dir=cache_dir,
+                      text_key=a.data.text_key, skip_bad_lines=a.data.skip_bad_lines,
+                      dp_rank=self.ps.dp_rank, dp_size=self.ps.dp_size, seed=a.train.seed,
+                      eval_path=a.data.eval_path, eval_split_ratio=a.data.eval_split_ratio)
+        if not self.ps.is_main:
+            self.ps.barrier()
+        self.loader, self.eval_loader = build_dataloaders(a.data.train_path, self.tokenizer, **kwargs)
+        if self.ps.is_main:
+            self.ps.barrier()
+        if len(self.loader) == 0:
+            raise ValueError(f"data.train_path={a.data.train_path} yields no full batch of "
+                             f"{self.loader.global_batch_size} rows of {a.data.max_seq_len} tokens.")
+
+    def _build_objective(self) -> None:
+        from veomni.diffusion.objective import build_objective
+
+        t = self.args.train
+        kwargs = dict(logit_shift=t.logit_shift, chunk_size=t.ce_chunk_size)
+        if t.objective == "mdm":
+            kwargs.update(weighting=t.loss_weighting, normalization=t.loss_normalization, eps=t.noise_eps,
+                          per_document=t.noise_per_document, mask_token_id=self.mask_token_id)
+        self.objective = build_objective(t.objective, **kwargs)
+
+    def _total_steps(self) -> int:
+        t = self.args.train
+        if t.max_steps:
+            return t.max_steps
+        per_epoch = len(self.loader) // self.grad_accum
+        return max(per_epoch * t.num_train_epochs, 1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self) -> None:
+        if not self.args.train.resume:
+            return
+        from veomni.checkpoint import load_latest
+
+        found = load_latest(str(self.out_dir), self.model, self.optimizer, self.scheduler, self.ps)
+        if found is None:
+            return
+        loader_state, train_state, path = found
+        self.loader.load_state_dict(loader_state)
+        self.step = int(train_state["step"])
+        self.tokens_seen = int(train_state["tokens_seen"])
+        logger.info("resumed from %s at step %d (%d tokens seen)", path, self.step, self.tokens_seen)
+
+    def save(self) -> None:
+        from veomni.checkpoint import save_checkpoint
+
+        save_checkpoint(str(self.out_dir), self.step, self.model, self.optimizer, self.scheduler,
+                        dataloader_state=self.loader.state_dict(),
+                        train_state={"step": self.step, "tokens_seen": self.tokens_seen},
+                        parallel_state=self.ps, keep_last=self.args.train.save_total_limit)
+        if self.ps.is_main:
+            save_yaml(self.args, self.out_dir / "resolved_config.yaml")
+
+    # ------------------------------------------------------------------ the step
+    def _autocast(self):
+        # FSDP2 casts parameters itself (MixedPrecisionPolicy); DDP/single use autocast with fp32
+        # master weights.
+        from veomni.distributed import autocast_context
+
+        return autocast_context(self.ps, self._par_cfg)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.ps.device, non_blocking=True) for k, v in batch.items()}
+
+    def _next_batch(self) -> dict:
+        if self._iter is not None:
+            batch = next(self._iter, None)
+            if batch is not None:
+                return batch
+        # First call, or the epoch ended: the loader has advanced its own epoch counter and a new
+        # iterator continues from its saved position (which is how resume lands mid-epoch).
+        self._iter = iter(self.loader)
+        return next(self._iter)
+
+    def train_step(self) -> dict:
+        from veomni.diffusion.noise import make_generator
+
+        a = self.args
+        micro = [self._to_device(self._next_batch()) for _ in range(self.grad_accum)]  # 1.
+        # The noise of a micro-batch is keyed by its index in the global batch
+        # (micro_step * dp_size + dp_rank: the loader hands rank r the r-th slice of each global
+        # micro-batch). So 1 process x 2 accumulation steps draws exactly the noise of 2 processes,
+        # and a resume on another world size keeps the noise of every sample.
+        corrs = [self.objective.prepare(mb, make_generator(a.train.seed, self.step, 0,
+                                                           i * self.ps.dp_size + self.ps.dp_rank))
+                 for i, mb in enumerate(micro)]  # 2.
+        local = torch.tensor(float(sum(self.objective.num_loss_tokens(c) for c in corrs)),
+                             device=self.ps.device)
+        global_denom = self.ps.all_reduce_sum(local).item()  # 3.
+
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.ps.device)
+        for i, (mb, corr) in enumerate(zip(micro, corrs)):  # 4.
+            sync = self.ps.no_sync(self.model) if i < len(micro) - 1 else contextlib.nullcontext()
+            with sync, self._autocast():
+                out = self.model(**self.objective.model_inputs(mb, corr),
+                                 loss_fn=self.objective.loss_fn(corr, global_denom))
+                (out.loss * self.ps.dp_size).backward()
+            loss_sum += out.loss.detach()
+        loss = self.ps.all_reduce_sum(loss_sum).item()
+        if not math.isfinite(loss):  # 5.
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {self.step + 1}; stopping before the update. The last good "
+                f"checkpoint in {self.out_dir}/checkpoints is kept. Lower train.lr, enable "
+                "clipping (train.max_grad_norm) or check the data.")
+        from veomni.distributed import clip_grad_norm_
+
+        max_norm = a.train.max_grad_norm if a.train.max_grad_norm > 0 else float("inf")
+        grad_norm = clip_grad_norm_(self.model, max_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))
+        self.tokens_seen += int(self.ps.all_reduce_sum(torch.tensor(float(tokens), device=self.ps.device)).item())
+        flops = self._step_flops(micro, corrs)
+        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "flops": flops}
+
+    def _step_flops(self, micro, corrs) -> float:
+        from veomni.models.registry import get_spec
+
+        cfg = self._config
+        fn = get_spec(cfg.model_type).flops_fn
+        total = 0.0
+        for mb, corr in zip(micro, corrs):
+            seg = mb["segment_ids"]
+            lens = [int(n) for row in seg for n in torch.bincount(row[row > 0]) if n > 0]
+            total += fn(cfg, lens, head_tokens=int(corr.targets.numel()), attn_mode=self.objective.attn_mode)
+        return total
+
+    @property
+    def _config(self):
+        from veomni.distributed import unwrap_model
+
+        return unwrap_model(self.model).config
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        from veomni.diffusion.noise import make_generator
+
+        if self.eval_loader is None:
+            return None
+        self.model.eval()
+        total = torch.zeros(2, device=self.ps.device)  # [sum of weighted CE, loss tokens]
+        limit = self.args.train.eval_max_batches
+        for i, batch in enumerate(self.eval_loader):
+            if limit and i >= limit:
+                break
+            batch = self._to_device(batch)
+            # Fixed noise for eval (seed, step=0): every evaluation scores the same corruption,
+            # so the curve measures the model, not the dice.
+            corr = self.objective.prepare(batch, make_generator(self.args.train.seed + 1, 0, self.ps.rank, i))
+            n = self.objective.num_loss_tokens(corr)
+            with self._autocast():
+                out = self.model(**self.objective.model_inputs(batch, corr),
+                                 loss_fn=self.objective.loss_fn(corr, 1.0))
+            total += torch.tensor([float(out.loss), float(n)], device=self.ps.device)
+        total = self.ps.all_reduce_sum(total)
+        return {"eval_loss": (total[0] / total[1].clamp(min=1)).item(), "eval_tokens": int(total[1])}
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        a = self.args
+        thr = Throughput(self.peak_flops, world_size=self.ps.world_size)
+        bar = None
+        if self.ps.is_main and a.train.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        kill_at = int(os.environ.get("VEOMNI_DEBUG_KILL_AFTER_STEP", "0"))  # fault injection for resume tests
+        last = {}
+        t_start = time.perf_counter()
+        while self.step < self.total_steps:
+            m = self.train_step()
+            self.step += 1
+            thr.add(m["tokens"], m["flops"])
+            if self.step % a.train.log_steps == 0 or self.step == self.total_steps:
+                rate = thr.read()
+                last = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                        "tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"],
+                        "tokens_seen": self.tokens_seen, "epoch": self.loader.epoch,
+                        **memory_stats(self.ps.device)}
+                self.run_logger.log(last, self.step)
+                thr.reset()
+                if bar is not None:
+                    mfu = "n/a" if rate["mfu"] is None else f"{100 * rate['mfu']:.1f}%"
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate['tokens_per_s']:.0f}", mfu=mfu)
+            if bar is not None:
+                bar.update(1)
+            if a.train.eval_steps and self.step % a.train.eval_steps == 0:
+                ev = self.evaluate()
+                if ev:
+                    self.run_logger.log(ev, self.step, kind="eval")
+                    logger.info("step %d eval_loss %.4f", self.step, ev["eval_loss"])
+            if a.train.save_steps and self.step % a.train.save_steps == 0 and self.step < self.total_steps:
+                self.save()
+            if kill_at and self.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if bar is not None:
+            bar.close()
+        self.save()
+        if a.train.eval_steps:
+            ev = self.evaluate()
+            if ev:
+                self.run_logger.log(ev, self.step, kind="eval")
+        if a.train.export_hf:
+            from veomni.checkpoint import export_hf
+
+            export_hf(self.model, str(self.out_dir / "hf"), self.tokenizer, self.ps)
+        if self.ps.is_main:
+            png = plot_loss_curve(str(self.out_dir))
+            logger.info("done: %d steps in %.1fs; loss curve %s", self.step, time.perf_counter() - t_start, png)
+        self.run_logger.close()
+        return last
+
+    def close(self) -> None:
+        self.ps.destroy()
+
+
+def run(args: Arguments) -> dict:
+    trainer = Trainer(args)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
