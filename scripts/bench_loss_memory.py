@@ -23,20 +23,13 @@ import sys
 import time
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status (this benchmark needs Linux)")
-
-
 def run_child(args) -> None:
     import torch
     import torch.nn.functional as F
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from veomni.ops.chunked_ce import chunked_linear_cross_entropy
+    from veomni.utils.peak_memory import peak_since_mib, reset_peak
 
     torch.manual_seed(0)
     n = args.batch * args.seq
@@ -45,11 +38,7 @@ def run_child(args) -> None:
     targets = torch.randint(0, args.vocab, (n,))
 
     # Reset the peak counter so that import and input construction do not count.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    baseline = _status_kib("VmRSS")
-    if _status_kib("VmHWM") > baseline + 1024:
-        raise RuntimeError("could not reset VmHWM through /proc/self/clear_refs; the peak would be wrong")
+    baseline = reset_peak()
 
     start = time.perf_counter()
     if args.child == "full":
@@ -60,7 +49,7 @@ def run_child(args) -> None:
         raise ValueError(f"unknown variant {args.child!r}; choose full or chunked")
     loss.backward()
     elapsed = time.perf_counter() - start
-    peak_mib = (_status_kib("VmHWM") - baseline) / 1024
+    peak_mib = peak_since_mib(baseline)
     print(json.dumps({"variant": args.child, "peak_mib": peak_mib, "time_s": elapsed, "loss": loss.item()}))
 
 

@@ -330,6 +330,9 @@ class Trainer:
                     logger.info("step %d eval_loss %.4f", self.step, ev["eval_loss"])
             if a.train.save_steps and self.step % a.train.save_steps == 0 and self.step < self.total_steps:
                 self.save()
+            if (a.train.eval_steps and self.step % a.train.eval_steps == 0) or (
+                    a.train.save_steps and self.step % a.train.save_steps == 0):
+                thr.reset()  # eval / checkpoint time is not training throughput
             if kill_at and self.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         if bar is not None:

@@ -1,0 +1,164 @@
+"""One MDM training step, ours vs Hugging Face transformers + a hand-written MDM loss, side by side.
+
+    python scripts/bench_train.py                         # SmolLM2-135M, batch 4 x 512, 3 timed steps
+    python scripts/bench_train.py --batch 2 --seq 256 --steps 2 --skip_loss   # quicker
+
+Both variants load the same SmolLM2-135M-Instruct weights (scripts/prepare_smollm2.py), get the same
+corrupted batch (our noise, one seed) and run forward + backward + AdamW in fp32 on this device:
+  ours  veomni model, bidirectional sdpa, loss computed inside forward: LM head only at masked
+        positions, chunked cross-entropy, 1/t weighting, normalised by maskable tokens.
+  hf    transformers LlamaForCausalLM (sdpa) with an all-True 4D mask (bidirectional), full
+        logits [B, S, V], the same loss written the obvious way (shift, gather masked, CE / t).
+Each variant runs in its own process (peak memory = VmHWM over the step, Linux). MFU uses the same
+useful model FLOPs for both (veomni.models.flops, head at loss positions) over this CPU's fp32
+matmul peak, measured once in the parent and passed to both. Then the loss alone (head + CE,
+SmolLM2 vocabulary, 8 x 2048 tokens) through scripts/bench_loss_memory.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def _batch(args, vocab, mask_id):
+    import torch
+
+    from veomni.diffusion.noise import make_generator
+    from veomni.diffusion.objective import MDMObjective
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, mask_id, (args.batch, args.seq), generator=g)
+    batch = {"input_ids": ids,
+             "position_ids": torch.arange(args.seq).expand(args.batch, -1).contiguous(),
+             "segment_ids": torch.ones_like(ids), "attention_mask": torch.ones_like(ids),
+             "maskable": torch.ones_like(ids, dtype=torch.bool)}
+    obj = MDMObjective(mask_token_id=mask_id, weighting="inv_t", normalization="maskable", logit_shift=True)
+    corr = obj.prepare(batch, make_generator(0, 0, 0, 0))
+    return obj, batch, corr
+
+
+def _load(args, variant):
+    import torch
+
+    from veomni.models.hf_io import load_tokenizer
+    from veomni.models.mask_token import ensure_mask_token
+
+    tok = load_tokenizer(args.model_path)
+    if variant == "ours":
+        from veomni.models.hf_io import load_model
+
+        model = load_model(args.model_path, dtype=torch.float32, attn_impl="sdpa")
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32, attn_implementation="sdpa")
+    mask_id = ensure_mask_token(model, tok)
+    return model.train(), mask_id
+
+
+def run_child(args) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from veomni.utils.peak_memory import peak_since_mib, reset_peak
+
+    torch.manual_seed(0)
+    model, mask_id = _load(args, args.child)
+    obj, batch, corr = _batch(args, model.config.vocab_size, mask_id)
+    denom = obj.num_loss_tokens(corr)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    full_mask = torch.ones(args.batch, 1, args.seq, args.seq, dtype=torch.bool)
+
+    def step():
+        if args.child == "ours":
+            loss = model(**obj.model_inputs(batch, corr), loss_fn=obj.loss_fn(corr, denom)).loss
+        else:
+            logits = model(input_ids=corr.noisy_ids, attention_mask=full_mask).logits
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # shift: i predicted at i-1
+            m = corr.masked
+            ce = F.cross_entropy(logits[m].float(), batch["input_ids"][m], reduction="none")
+            loss = (ce / corr.t[m]).sum() / denom
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    losses = [step()]  # warm-up (allocator, thread pool); not timed
+    baseline = reset_peak()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"variant": args.child, "step_s": statistics.median(times), "peak_mib": peak_since_mib(baseline),
+                      "first_loss": losses[0], "head_tokens": int(corr.targets.numel()), "denom": denom}))
+
+
+def _child(args, variant, peak):
+    cmd = [sys.executable, os.path.abspath(__file__), f"--child={variant}", f"--model_path={args.model_path}",
+           f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", default=None, help="HF dir (default: the prepared SmolLM2-135M)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
+    p.add_argument("--skip_loss", action="store_true", help="skip the loss-alone memory table")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.model_path is None:
+        from veomni.models.smollm2 import prepare_smollm2
+
+        args.model_path = str(prepare_smollm2())
+    if args.child:
+        run_child(args)
+        return
+
+    import torch
+    from transformers import AutoConfig
+
+    from veomni.models.flops import dense_decoder_flops
+    from veomni.trainer.metrics import measure_matmul_peak
+
+    peak = measure_matmul_peak(torch.float32, size=1024, repeats=10)
+    res = {v: _child(args, v, peak) for v in ("hf", "ours")}
+    assert abs(res["hf"]["first_loss"] - res["ours"]["first_loss"]) < 1e-3 * abs(res["hf"]["first_loss"]), \
+        f"the two variants disagree on the loss: {res}"
+    cfg = AutoConfig.from_pretrained(args.model_path)
+    tokens = args.batch * args.seq
+    flops = dense_decoder_flops(cfg, [args.seq] * args.batch, head_tokens=res["ours"]["head_tokens"],
+                                attn_mode="bidirectional")
+    print(f"MDM training step (fwd+bwd+AdamW), SmolLM2-135M, fp32, batch {args.batch} x {args.seq} "
+          f"= {tokens} tokens, {torch.get_num_threads()} threads; CPU fp32 matmul peak measured here: "
+          f"{peak / 1e9:.1f} GFLOP/s; MFU = useful model FLOPs ({flops / 1e12:.3f} TFLOP/step) / time / peak")
+    print("| variant | step s | tok/s | MFU | peak MiB | loss (step 0) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for v in ("hf", "ours"):
+        r = res[v]
+        print(f"| {v} | {r['step_s']:.2f} | {tokens / r['step_s']:.0f} | {flops / r['step_s'] / peak:.1%} | "
+              f"{r['peak_mib']:.0f} | {r['first_loss']:.4f} |")
+    print(f"| ours / hf | {res['ours']['step_s'] / res['hf']['step_s']:.2f}x | "
+          f"{res['hf']['step_s'] / res['ours']['step_s']:.2f}x | | "
+          f"{res['ours']['peak_mib'] / res['hf']['peak_mib']:.2f}x | |")
+    if not args.skip_loss:
+        print()
+        sys.stdout.flush()
+        subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_loss_memory.py")], check=True)
+
+
+if __name__ == "__main__":
+    main()
