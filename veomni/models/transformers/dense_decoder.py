@@ -371,3 +371,11 @@ class DecoderForCausalLM(nn.Module):
         from veomni.models.hf_io import save_model
 
         save_model(self, path, tokenizer=tokenizer, **kwargs)
+
+    # ---- masked-diffusion generation (implemented in veomni/inference/dropin.py) --------------
+    def diffusion_generate(self, inputs=None, generation_config=None, **kwargs):
+        """Open-dLLM's API: diffusion_generate(inputs=ids, generation_config=MDMGenerationConfig(...),
+        attention_mask=..., **overrides) -> GenerationOutput(.sequences, .history, .stats)."""
+        from veomni.inference.dropin import mdm_diffusion_generate
+
+        return mdm_diffusion_generate(self, inputs, generation_config, **kwargs)
