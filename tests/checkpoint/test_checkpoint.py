@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.distributed._common import full_params, global_data, make_optim, tiny_model, train
+from tests.distributed._common import global_data, make_optim, tiny_model, train
 from veomni.checkpoint import (
     CheckpointError, export_hf, find_latest_checkpoint, load_checkpoint, load_latest, save_checkpoint,
 )

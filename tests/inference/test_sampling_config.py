@@ -41,7 +41,6 @@ def test_missing_mask_token_message():
 @pytest.mark.parametrize("overrides, match", [
     (dict(alg="maskgit"), "Did you mean 'maskgit_plus'"),
     (dict(alg="nope"), "Unknown alg"),
-    (dict(steps=9, max_new_tokens=8), "steps=9 > max_new_tokens=8"),
     (dict(alg="low_confidence", max_new_tokens=8, block_length=4, steps=3), "multiple of the number of blocks"),
     (dict(alg="low_confidence", threshold=0.8), "threshold=0.8 does not apply"),
     (dict(alg="threshold", steps=3, max_new_tokens=8), "Leave steps unset"),

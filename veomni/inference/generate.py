@@ -1,69 +1,27 @@
-"""The glue between user input and the samplers: configs, prompt encoding, `steps > max_new_tokens`.
-
-`generate` is `veomni.diffusion.sampling.diffusion_generate` plus one thing Dream and Open-dLLM
-allow and the sampler's validation refuses: more steps than new tokens (Dream's schedule then has
-steps that commit nothing; each still costs a forward). Open-dLLM's README runs steps=200 with
-max_new_tokens=128, so the drop-in and the CLI accept it and run the same samplers.
-"""
+"""The glue between user input and the samplers: config merging and prompt encoding."""
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from veomni.diffusion.sampling import GenerationConfig, diffusion_generate, merge
-from veomni.diffusion.sampling.config import LLADA_ALGS, STEP_ALGS
-
-
-def _builtin_default(name: str) -> Any:
-    # The sampler's own default for a field, read through its public resolve() (mask id is a dummy).
-    return getattr(GenerationConfig(mask_token_id=0).resolve(), name)
+from veomni.diffusion.sampling.config import STEP_ALGS
 
 
 def resolve_config(model, config: Optional[Union[GenerationConfig, Dict[str, Any]]] = None,
                    overrides: Optional[Dict[str, Any]] = None) -> GenerationConfig:
-    """model config defaults <- config <- overrides, resolved; allows steps > max_new_tokens for the
-    step-based algs (Dream algs, p2, LLaDA), which the sampler's resolve() alone rejects."""
-    merged = merge(GenerationConfig.from_model_config(getattr(model, "config", None)), config,
-                   **(overrides or {}))
-    n = merged.max_new_tokens if merged.max_new_tokens is not None else _builtin_default("max_new_tokens")
-    alg = merged.alg if merged.alg is not None else _builtin_default("alg")
-    steps = merged.steps
-    if not (isinstance(steps, int) and isinstance(n, int) and steps > n >= 1 and alg in STEP_ALGS):
-        return merged.resolve()
-    # Validate everything else with a step count the sampler accepts, then put the real one back.
-    probe_steps = n
-    if alg in LLADA_ALGS:  # the probe must divide into LLaDA's blocks: one step per block
-        block = merged.block_length or (merged.block_size if merged.attn_mode == "block_causal" else n)
-        probe_steps = math.ceil(n / block)
-    cfg = dataclasses.replace(merged, steps=probe_steps).resolve()
-    cfg.steps = steps
-    if alg in LLADA_ALGS:
-        n_blocks = math.ceil(n / cfg.block_length)
-        if steps % n_blocks:
-            raise ValueError(f"steps={steps} must be a multiple of the number of blocks ceil(max_new_tokens / "
-                             f"block_length) = {n_blocks} (LLaDA gives each block steps/num_blocks steps).")
-    return cfg
+    """model config defaults <- config <- overrides, validated."""
+    return merge(GenerationConfig.from_model_config(getattr(model, "config", None)), config,
+                 **(overrides or {})).resolve()
 
 
 @torch.no_grad()
 def generate(model, input_ids, config: Optional[Union[GenerationConfig, Dict[str, Any]]] = None,
              attention_mask: Optional[torch.Tensor] = None, step_callback=None, **overrides):
-    """`diffusion_generate` with the same arguments and result; also runs steps > max_new_tokens."""
+    """`diffusion_generate` with the model's config merged under the user's (see resolve_config)."""
     cfg = resolve_config(model, config, overrides)
-    if cfg.steps is None or cfg.steps <= cfg.max_new_tokens:
-        return diffusion_generate(model, input_ids, cfg, attention_mask=attention_mask,
-                                  step_callback=step_callback)
-    from veomni.diffusion.sampling.api import run_alg
-    from veomni.diffusion.sampling.engine import DecodeState
-
-    state = DecodeState(model, cfg, input_ids, attention_mask, cfg.max_new_tokens)
-    state.step_callback = step_callback
-    run_alg(state)
-    out = state.finish()
-    return out if cfg.return_dict else out.sequences
+    return diffusion_generate(model, input_ids, cfg, attention_mask=attention_mask, step_callback=step_callback)
 
 
 def generation_config_from_infer(infer) -> GenerationConfig:

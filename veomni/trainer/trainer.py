@@ -305,6 +305,12 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         kill_at = int(os.environ.get("VEOMNI_DEBUG_KILL_AFTER_STEP", "0"))  # fault injection for resume tests
         last = {}
+        if a.train.eval_steps and self.step == 0:
+            # The starting point (an AR model scored as a diffusion LM) anchors the eval curve.
+            ev = self.evaluate()
+            if ev:
+                self.run_logger.log(ev, 0, kind="eval")
+                logger.info("step 0 eval_loss %.4f", ev["eval_loss"])
         t_start = time.perf_counter()
         while self.step < self.total_steps:
             m = self.train_step()

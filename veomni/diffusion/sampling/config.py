@@ -265,9 +265,8 @@ def _fill_steps_and_blocks(c: GenerationConfig) -> None:
             c.steps = n
         if not isinstance(c.steps, int) or c.steps < 1:
             raise ValueError(f"steps must be an int >= 1 (got {c.steps!r})")
-        if c.steps > n:
-            raise ValueError(f"steps={c.steps} > max_new_tokens={n}: some steps would commit nothing. "
-                             "Use steps <= max_new_tokens.")
+        # steps > max_new_tokens is allowed (Dream and Open-dLLM's README run 200 steps for 128
+        # tokens): the schedule then has steps that commit nothing, each still costing a forward.
     elif c.steps is not None and c.steps != n:
         raise ValueError(f"steps={c.steps} does not apply to alg={c.alg!r}: it runs until every token "
                          f"is committed (at most max_new_tokens={n} iterations). Leave steps unset.")
