@@ -50,11 +50,18 @@ def strategies(n: int, block: int, fast_steps: int) -> Dict[str, dict]:
     """name -> sampler overrides. LLaDA's steps must be a multiple of its block count."""
     n_blocks = math.ceil(n / block)
     llada_steps = n_blocks * max(1, n // n_blocks)
+    fast_llada = n_blocks * max(1, fast_steps // n_blocks)
     par = dict(block_length=block)
     return {
         "naive": dict(alg="maskgit_plus", steps=n),
         f"maskgit_plus_{fast_steps}steps": dict(alg="maskgit_plus", steps=fast_steps),
         f"llada_low_confidence_b{block}": dict(alg="low_confidence", block_length=block, steps=llada_steps),
+        # A fixed 4 tokens per forward (steps = N/4) with the KV caches: the fast setting whose
+        # tokens-per-forward does not depend on how confident the model is.
+        f"llada_b{block}_{fast_llada}steps_prefix": dict(alg="low_confidence", block_length=block,
+                                                        steps=fast_llada, use_cache="prefix"),
+        f"llada_b{block}_{fast_llada}steps_dual": dict(alg="low_confidence", block_length=block,
+                                                      steps=fast_llada, use_cache="dual"),
         "threshold0.9": dict(alg="threshold", threshold=0.9, **par),
         "threshold0.9_prefix": dict(alg="threshold", threshold=0.9, use_cache="prefix", **par),
         "threshold0.9_dual": dict(alg="threshold", threshold=0.9, use_cache="dual", **par),

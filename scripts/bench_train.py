@@ -2,16 +2,19 @@
 
     python scripts/bench_train.py                         # SmolLM2-135M, batch 4 x 512, 3 timed steps
     python scripts/bench_train.py --batch 2 --seq 256 --steps 2 --skip_loss   # quicker
+    python scripts/bench_train.py --device cuda --precision bf16 --batch 8 --seq 2048 --steps 10
 
 Both variants load the same SmolLM2-135M-Instruct weights (scripts/prepare_smollm2.py), get the same
-corrupted batch (our noise, one seed) and run forward + backward + AdamW in fp32 on this device:
+corrupted batch (our noise, one seed) and run forward + backward + AdamW (fp32 weights; with
+--precision bf16 under bf16 autocast, fp32 master weights) on the chosen device:
   ours  veomni model, bidirectional sdpa, loss computed inside forward: LM head only at masked
         positions, chunked cross-entropy, 1/t weighting, normalised by maskable tokens.
   hf    transformers LlamaForCausalLM (sdpa) with an all-True 4D mask (bidirectional), full
         logits [B, S, V], the same loss written the obvious way (shift, gather masked, CE / t).
-Each variant runs in its own process (peak memory = VmHWM over the step, Linux). MFU uses the same
-useful model FLOPs for both (veomni.models.flops, head at loss positions) over this CPU's fp32
-matmul peak, measured once in the parent and passed to both. Then the loss alone (head + CE,
+Each variant runs in its own process (peak memory = VmHWM over the step on CPU, Linux;
+max_memory_allocated on CUDA). MFU uses the same useful model FLOPs for both (veomni.models.flops,
+head at loss positions) over the device peak: this CPU's matmul peak measured once in the parent,
+or the exact dense table entry of the GPU. Then the loss alone (head + CE,
 SmolLM2 vocabulary, 8 x 2048 tokens) through scripts/bench_loss_memory.py.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def _batch(args, vocab, mask_id):
+def _batch(args, vocab, mask_id, device):
     import torch
 
     from veomni.diffusion.noise import make_generator
@@ -41,7 +44,8 @@ def _batch(args, vocab, mask_id):
              "segment_ids": torch.ones_like(ids), "attention_mask": torch.ones_like(ids),
              "maskable": torch.ones_like(ids, dtype=torch.bool)}
     obj = MDMObjective(mask_token_id=mask_id, weighting="inv_t", normalization="maskable", logit_shift=True)
-    corr = obj.prepare(batch, make_generator(0, 0, 0, 0))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    corr = obj.prepare(batch, make_generator(0, 0, 0, 0, device=device))
     return obj, batch, corr
 
 
@@ -70,41 +74,60 @@ def run_child(args) -> None:
 
     from veomni.utils.peak_memory import peak_since_mib, reset_peak
 
+    import contextlib
+
     torch.manual_seed(0)
+    device = torch.device(args.device)
     model, mask_id = _load(args, args.child)
-    obj, batch, corr = _batch(args, model.config.vocab_size, mask_id)
+    model.to(device)
+    obj, batch, corr = _batch(args, model.config.vocab_size, mask_id, device)
     denom = obj.num_loss_tokens(corr)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    full_mask = torch.ones(args.batch, 1, args.seq, args.seq, dtype=torch.bool)
+    full_mask = torch.ones(args.batch, 1, args.seq, args.seq, dtype=torch.bool, device=device)
+    cuda = device.type == "cuda"
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+           else contextlib.nullcontext())
 
     def step():
+        with amp:
+            loss = _loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return loss.item()
+
+    def _loss():
         if args.child == "ours":
-            loss = model(**obj.model_inputs(batch, corr), loss_fn=obj.loss_fn(corr, denom)).loss
+            return model(**obj.model_inputs(batch, corr), loss_fn=obj.loss_fn(corr, denom)).loss
         else:
             logits = model(input_ids=corr.noisy_ids, attention_mask=full_mask).logits
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # shift: i predicted at i-1
             m = corr.masked
             ce = F.cross_entropy(logits[m].float(), batch["input_ids"][m], reduction="none")
             loss = (ce / corr.t[m]).sum() / denom
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss
 
-    losses = [step()]  # warm-up (allocator, thread pool); not timed
-    baseline = reset_peak()
+    losses = [step()]  # warm-up (allocator, thread pool, kernels); not timed
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        baseline = reset_peak()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"variant": args.child, "step_s": statistics.median(times), "peak_mib": peak_since_mib(baseline),
+    peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_since_mib(baseline)
+    print(json.dumps({"variant": args.child, "step_s": statistics.median(times), "peak_mib": peak_mib,
                       "first_loss": losses[0], "head_tokens": int(corr.targets.numel()), "denom": denom}))
 
 
 def _child(args, variant, peak):
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={variant}", f"--model_path={args.model_path}",
-           f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}"]
+           f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}",
+           f"--device={args.device}", f"--precision={args.precision}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{proc.stderr[-4000:]}")
@@ -118,6 +141,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
     p.add_argument("--skip_loss", action="store_true", help="skip the loss-alone memory table")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16 = autocast with fp32 master weights (fp32 on CPU: no bf16 hardware here)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.model_path is None:
@@ -134,17 +160,28 @@ def main() -> None:
     from veomni.models.flops import dense_decoder_flops
     from veomni.trainer.metrics import measure_matmul_peak
 
-    peak = measure_matmul_peak(torch.float32, size=1024, repeats=10)
+    from veomni.trainer.metrics import gpu_peak_flops
+
+    if args.device.startswith("cuda"):
+        gpu = torch.cuda.get_device_name(torch.device(args.device))
+        peak = gpu_peak_flops(gpu, args.precision)
+        if peak is None:
+            raise SystemExit(f"no peak FLOP/s known for {gpu!r}; add it to veomni/trainer/metrics.py")
+        where = f"{gpu}, dense {args.precision} peak {peak / 1e12:.0f} TFLOP/s"
+    else:
+        peak = measure_matmul_peak(torch.float32, size=1024, repeats=10)
+        where = f"{torch.get_num_threads()} CPU threads, fp32 matmul peak measured here {peak / 1e9:.1f} GFLOP/s"
     res = {v: _child(args, v, peak) for v in ("hf", "ours")}
-    assert abs(res["hf"]["first_loss"] - res["ours"]["first_loss"]) < 1e-3 * abs(res["hf"]["first_loss"]), \
+    tol = 1e-3 if args.precision == "fp32" else 3e-2
+    assert abs(res["hf"]["first_loss"] - res["ours"]["first_loss"]) < tol * abs(res["hf"]["first_loss"]), \
         f"the two variants disagree on the loss: {res}"
     cfg = AutoConfig.from_pretrained(args.model_path)
     tokens = args.batch * args.seq
     flops = dense_decoder_flops(cfg, [args.seq] * args.batch, head_tokens=res["ours"]["head_tokens"],
                                 attn_mode="bidirectional")
-    print(f"MDM training step (fwd+bwd+AdamW), SmolLM2-135M, fp32, batch {args.batch} x {args.seq} "
-          f"= {tokens} tokens, {torch.get_num_threads()} threads; CPU fp32 matmul peak measured here: "
-          f"{peak / 1e9:.1f} GFLOP/s; MFU = useful model FLOPs ({flops / 1e12:.3f} TFLOP/step) / time / peak")
+    print(f"MDM training step (fwd+bwd+AdamW), SmolLM2-135M, {args.precision}, batch {args.batch} x "
+          f"{args.seq} = {tokens} tokens; {where}; MFU = useful model FLOPs "
+          f"({flops / 1e12:.3f} TFLOP/step) / time / peak")
     print("| variant | step s | tok/s | MFU | peak MiB | loss (step 0) |")
     print("|---|---:|---:|---:|---:|---:|")
     for v in ("hf", "ours"):
@@ -154,7 +191,7 @@ def main() -> None:
     print(f"| ours / hf | {res['ours']['step_s'] / res['hf']['step_s']:.2f}x | "
           f"{res['hf']['step_s'] / res['ours']['step_s']:.2f}x | | "
           f"{res['ours']['peak_mib'] / res['hf']['peak_mib']:.2f}x | |")
-    if not args.skip_loss:
+    if not args.skip_loss and not args.device.startswith("cuda"):
         print()
         sys.stdout.flush()
         subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_loss_memory.py")], check=True)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/benchmarks.md, in one go (one GPU, bf16).
+#
+#   bash scripts/gpu_benchmarks.sh [MODEL_DIR] [OUT_DIR]
+#
+# MODEL_DIR: an HF dir of SmolLM2-135M (default: scripts/prepare_smollm2.py's output). If it holds
+# no weights (config + tokenizer only: how the lent GPU machine, which has no network and a 64 MiB
+# upload limit, received it), weights are random-initialised with the same shape: speed and MFU
+# do not depend on the values, decode agreement then shows mechanics only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+MODEL=${1:-$(python3 scripts/prepare_smollm2.py | tail -n 1)}
+OUT=${2:-outputs/gpu_bench}
+mkdir -p "$OUT"
+
+if ! ls "$MODEL"/*.safetensors >/dev/null 2>&1; then
+  RANDOM_DIR="$OUT/smollm2_random"
+  python3 - "$MODEL" "$RANDOM_DIR" <<'PY'
+import sys, torch
+from transformers import AutoConfig
+from veomni.models.hf_io import load_tokenizer, save_model
+from veomni.models.registry import build_model
+src, dst = sys.argv[1:]
+torch.manual_seed(0)
+model = build_model(AutoConfig.from_pretrained(src))
+model.init_weights()
+save_model(model, dst, tokenizer=load_tokenizer(src))
+print("random-initialised", dst)
+PY
+  MODEL="$RANDOM_DIR"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+# 1. One MDM training step, ours vs HF + hand-written loss, bf16 autocast.
+python3 scripts/bench_train.py --model_path "$MODEL" --device cuda --precision bf16 \
+  --batch 8 --seq 2048 --steps 10 | tee "$OUT/bench_train_gpu.md"
+
+# 2. The real trainer, bf16 FSDP2 on one GPU, packed 2048-token rows of Python stdlib code.
+CORPUS=$(python3 -c "import os, sysconfig; print(os.path.join(sysconfig.get_paths()['stdlib'], 'email'))")
+python3 tasks/train_torch.py configs/quickstart/smollm2_mdm.yaml --model.model_path="$MODEL" \
+  --data.train_path="$CORPUS" --train.output_dir="$OUT/train" --data.max_seq_len=2048 \
+  --train.micro_batch_size=8 --train.global_batch_size=8 --train.max_steps=40 --train.save_steps=0 \
+  --train.mixed_precision=bf16 --train.data_parallel=fsdp2 --train.eval_steps=0 \
+  --data.eval_split_ratio=0 --train.export_hf=false --train.progress_bar=false 2>&1 | tail -n 5
+cp "$OUT/train/metrics.jsonl" "$OUT/train_metrics.jsonl"
+
+# 3. Decoding: every strategy vs naive, 256 new tokens, batch 1 and 8.
+python3 scripts/bench_decode.py --model_path "$MODEL" --device cuda --dtype bfloat16 \
+  --new_tokens 256 --batch_sizes 1,8 --max_minutes 0 --out "$OUT/bench_decode_gpu.md" | tail -n 40
