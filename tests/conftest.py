@@ -16,3 +16,18 @@ def smollm2_dir():
     from veomni.models.smollm2 import prepare_smollm2
 
     return prepare_smollm2()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread, restored afterwards.
+
+    For directories of tiny-tensor tests: on a busy 2-core box the OpenMP pool's spinning made
+    single tiny ops take seconds (100x the work itself). Opted into by a directory's conftest.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,11 +1,6 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a loaded 2-core box: the intra-op thread pool costs ~100x the work itself.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # tiny tensors: see tests/conftest.py::one_thread
     yield
-    torch.set_num_threads(before)

@@ -87,3 +87,13 @@ def test_flash_attention_missing_is_a_clear_error():
 
     with pytest.raises(AttentionConfigError, match="pip install"):
         check_attention("causal", "flash_attention_2")
+
+
+def test_sliding_window_is_refused():
+    from tests.models.tiny import tiny_config
+    from veomni.models.registry import build_model
+
+    cfg = tiny_config("qwen2")
+    cfg.use_sliding_window = True
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        build_model(cfg)

@@ -3,6 +3,8 @@
 Names are loaded on first use so `import veomni.distributed` does not import torch.distributed.
 """
 
+from veomni.utils.lazy import lazy_exports
+
 _EXPORTS = {
     "ParallelState": "parallel_state",
     "init_parallel_state": "parallel_state",
@@ -18,12 +20,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

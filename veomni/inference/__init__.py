@@ -11,6 +11,8 @@ page), `chat` (multi-turn session), `dropin` (Open-dLLM's MDMGenerationConfig AP
 (tasks/infer.py). Names load on first use so `import veomni.inference` stays light.
 """
 
+from veomni.utils.lazy import lazy_exports
+
 _EXPORTS = {
     "generate": "generate",
     "encode_prompts": "generate",
@@ -25,12 +27,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

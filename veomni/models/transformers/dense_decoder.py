@@ -248,6 +248,11 @@ class DecoderForCausalLM(nn.Module):
 
     def __init__(self, config, attn_impl: str = "sdpa"):
         super().__init__()
+        if getattr(config, "use_sliding_window", False):
+            raise NotImplementedError(
+                f"{type(self).__name__}: sliding-window attention is not implemented; set "
+                "use_sliding_window=false (as released Qwen2.5/Qwen3 configs do)."
+            )
         self.config = config
         bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = bias if self.qkv_bias is None else self.qkv_bias

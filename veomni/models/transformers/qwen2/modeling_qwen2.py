@@ -15,11 +15,3 @@ class Qwen2ForCausalLM(DecoderForCausalLM):
     qkv_bias = True
     o_bias = False
     qk_norm = False
-
-    def __init__(self, config, attn_impl: str = "sdpa"):
-        if getattr(config, "use_sliding_window", False):
-            raise NotImplementedError(
-                "Qwen2 sliding-window attention is not implemented; set use_sliding_window=false "
-                "(as released Qwen2.5 configs do)."
-            )
-        super().__init__(config, attn_impl)

@@ -12,8 +12,3 @@ class Qwen3ForCausalLM(DecoderForCausalLM):
     qkv_bias = None
     o_bias = None
     qk_norm = True
-
-    def __init__(self, config, attn_impl: str = "sdpa"):
-        if getattr(config, "use_sliding_window", False):
-            raise NotImplementedError("Qwen3 sliding-window attention is not implemented.")
-        super().__init__(config, attn_impl)
