@@ -75,18 +75,14 @@ def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Wrap each decoder block so its activations are recomputed in backward."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 
     blocks = _decoder_blocks(model)
-    if getattr(model.model, "gradient_checkpointing", False):
-        # The model's own flag would checkpoint each (already wrapped) block a second time:
-        # three forward passes per block instead of two.
-        logger.info("parallelize: turning off the model's internal gradient_checkpointing flag; "
-                    "the block wrappers do the recomputation.")
-        model.model.gradient_checkpointing = False
     for i, block in enumerate(blocks):
-        # Non-reentrant checkpointing: works with FSDP2 hooks and keyword/non-tensor args (AttnMeta).
-        blocks[i] = checkpoint_wrapper(block)
+        # Idempotent: a block wrapped twice would run its forward three times per step.
+        if not isinstance(block, CheckpointWrapper):
+            # Non-reentrant checkpointing: works with FSDP2 hooks and non-tensor args (AttnMeta).
+            blocks[i] = checkpoint_wrapper(block)
 
 
 def _check_same_weights(model: nn.Module, ps: ParallelState) -> None:

@@ -71,6 +71,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self._iter = None
+        self._resumed_step = None
         self._resume()
         if self.ps.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +174,7 @@ class Trainer:
         self.loader.load_state_dict(loader_state)
         self.step = int(train_state["step"])
         self.tokens_seen = int(train_state["tokens_seen"])
+        self._resumed_step = self.step
         logger.info("resumed from %s at step %d (%d tokens seen)", path, self.step, self.tokens_seen)
 
     def save(self) -> None:
@@ -258,7 +260,7 @@ class Trainer:
         fn = get_spec(cfg.model_type).flops_fn
         total = 0.0
         for mb, corr in zip(micro, corrs):
-            seg = mb["segment_ids"]
+            seg = mb["segment_ids"].cpu()  # one device sync, then cheap host-side counting
             lens = [int(n) for row in seg for n in torch.bincount(row[row > 0]) if n > 0]
             total += fn(cfg, lens, head_tokens=int(corr.targets.numel()), attn_mode=self.objective.attn_mode)
         return total
@@ -343,7 +345,8 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)
         if bar is not None:
             bar.close()
-        self.save()
+        if self.step != self._resumed_step:  # re-running a finished run re-saves nothing
+            self.save()
         if a.train.eval_steps:
             ev = self.evaluate()
             if ev:

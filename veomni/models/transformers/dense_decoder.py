@@ -21,7 +21,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from veomni.models.kv_cache import KVCache
 from veomni.ops.attention import AttnMeta, attention, check_attention
@@ -192,7 +191,6 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary_emb = RotaryEmbedding(config, head_dim)
-        self.gradient_checkpointing = False
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, segment_ids=None,
                 attn_mode="causal", block_size=None, attn_impl="sdpa", past_key_values=None,
@@ -229,12 +227,7 @@ class DecoderModel(nn.Module):
         )
         cos, sin = self.rotary_emb(x, position_ids)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                # Recompute the layer in backward: activation memory O(1 layer) for ~33% more compute.
-                x = checkpoint(layer, x, cos, sin, meta, attn_impl, past_key_values, cache_position,
-                               use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, meta, attn_impl, past_key_values, cache_position)
+            x = layer(x, cos, sin, meta, attn_impl, past_key_values, cache_position)
         return self.norm(x)
 
 
@@ -286,8 +279,12 @@ class DecoderForCausalLM(nn.Module):
         check_attention("causal", attn_impl)
         self.attn_impl = attn_impl
 
-    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
-        self.model.gradient_checkpointing = enable
+    def gradient_checkpointing_enable(self) -> None:
+        """HF-style switch. Activation checkpointing is applied from outside the model (one place,
+        veomni.distributed.parallelism): each decoder block gets wrapped to recompute in backward."""
+        from veomni.distributed.parallelism import apply_activation_checkpointing
+
+        apply_activation_checkpointing(self)
 
     @torch.no_grad()
     def init_weights(self) -> None:
