@@ -21,30 +21,15 @@ if [[ $# -gt 0 && "$1" != --* ]]; then TASKS=$1; shift; fi
 TASKS=${TASKS//,/ }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-PYTHON=${PYTHON:-python}
+# shellcheck source=../_settings.sh
+source "$REPO/eval/_settings.sh"
 INFILL_LENGTH=${INFILL_LENGTH:-fixed:64}
-N_SAMPLES=${N_SAMPLES:-1}
-LIMIT=${LIMIT:-}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
-STEPS=${STEPS:-128}
-ALG=${ALG:-p2}
-TEMPERATURE=${TEMPERATURE:-0.8}
-BATCH_SIZE=${BATCH_SIZE:-1}
-SEED=${SEED:-0}
-N_WORKERS=${N_WORKERS:-2}
-DATA_DIR=${DATA_DIR:-${VEOMNI_EVAL_DATA:-}}
 OUT_DIR=${OUT_DIR:-outputs/eval/$(basename "${MODEL_PATH%/}")/infill}
 if [[ -n "${MODE:-}" && "$MODE" != diffusion ]]; then
     echo "error: MODE=$MODE: infilling needs a diffusion model (MODE=diffusion or unset)" >&2; exit 2
 fi
 mkdir -p "$OUT_DIR"
 
-common=(--seed "$SEED")
-[[ -n "$DATA_DIR" ]] && common+=(--data_dir "$DATA_DIR")
-[[ -n "$LIMIT" ]] && common+=(--limit "$LIMIT")
-score_common=(--n_workers "$N_WORKERS")
-[[ -n "$DATA_DIR" ]] && score_common+=(--data_dir "$DATA_DIR")
-[[ -n "$LIMIT" ]] && score_common+=(--limit "$LIMIT")
 
 start=$(date +%s)
 done_tasks=()
