@@ -12,7 +12,8 @@ install_requires = [
     "pyyaml",
     "numpy",
     "tqdm",
-    "gguf",  # transformers reads the embedded SmolLM2 GGUF through it
+    "gguf",  # transformers reads the embedded SmolLM2 GGUF through it ...
+    "accelerate",  # ... and refuses GGUF loading without accelerate
     "sentencepiece",
     "tensorboard",
     "matplotlib",
