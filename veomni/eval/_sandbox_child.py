@@ -128,8 +128,11 @@ def install_guards(root):
         for name in ("rename", "replace"):
             if hasattr(mod, name):
                 setattr(mod, name, guard_two(f"os.{name}", getattr(mod, name)))
+        # os.register_at_fork stays allowed: `random`, `threading` and `logging` call it when they
+        # are first imported, so disabling it failed reference solutions that import random (and it
+        # is harmless while fork itself is disabled).
         for name in (
-            "system", "popen", "kill", "killpg", "fork", "forkpty", "vfork", "register_at_fork",
+            "system", "popen", "kill", "killpg", "fork", "forkpty", "vfork",
             "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
             "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
             "posix_spawn", "posix_spawnp", "setsid", "setpgid", "setpgrp", "setuid", "setgid",
