@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 
