@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 # wheel on a CPU machine.
 install_requires = [
     "torch>=2.6",
-    "transformers>=4.56",
+    "transformers>=4.56,<6",  # tested on 5.23; a new major may change config/tokenizer APIs
     "safetensors",
     "tokenizers",
     "pyyaml",
