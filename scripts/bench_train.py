@@ -13,7 +13,8 @@ corrupted batch (our noise, one seed) and run forward + backward + AdamW (fp32 w
         logits [B, S, V], the same loss written the obvious way (shift, gather masked, CE / t).
 Each variant runs in its own process (peak memory = VmHWM over the step on CPU, Linux;
 max_memory_allocated on CUDA). MFU uses the same useful model FLOPs for both (veomni.models.flops,
-head at loss positions) over the device peak: this CPU's matmul peak measured once in the parent,
+head at loss positions) over the device peak: this CPU's matmul peak measured once in the parent
+(which computes MFU for both from their step times),
 or the exact dense table entry of the GPU. Then the loss alone (head + CE,
 SmolLM2 vocabulary, 8 x 2048 tokens) through scripts/bench_loss_memory.py.
 """
@@ -124,7 +125,7 @@ def run_child(args) -> None:
                       "first_loss": losses[0], "head_tokens": int(corr.targets.numel()), "denom": denom}))
 
 
-def _child(args, variant, peak):
+def _child(args, variant):
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={variant}", f"--model_path={args.model_path}",
            f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}",
            f"--device={args.device}", f"--precision={args.precision}"]
@@ -171,7 +172,7 @@ def main() -> None:
     else:
         peak = measure_matmul_peak(torch.float32, size=1024, repeats=10)
         where = f"{torch.get_num_threads()} CPU threads, fp32 matmul peak measured here {peak / 1e9:.1f} GFLOP/s"
-    res = {v: _child(args, v, peak) for v in ("hf", "ours")}
+    res = {v: _child(args, v) for v in ("hf", "ours")}
     tol = 1e-3 if args.precision == "fp32" else 3e-2
     assert abs(res["hf"]["first_loss"] - res["ours"]["first_loss"]) < tol * abs(res["hf"]["first_loss"]), \
         f"the two variants disagree on the loss: {res}"

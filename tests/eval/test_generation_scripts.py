@@ -15,31 +15,18 @@ import pytest
 import torch
 
 from tests.eval.conftest import REPO_ROOT
-from tests.models.tiny import tiny_config
+from tests.models.tiny import save_tiny_model
 
 sys.path.insert(0, str(REPO_ROOT / "eval"))
 
 
 def make_tiny_dllm(path: Path, tokenizer_dir, seed: int = 0, std: float = 0.3) -> Path:
-    from veomni.models.hf_io import load_tokenizer, save_model
-    from veomni.models.mask_token import ensure_mask_token
-    from veomni.models.registry import build_model
+    from veomni.models.hf_io import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
-    cfg = tiny_config("llama", vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                      bos_token_id=tok.bos_token_id)
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    model.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, std)  # peaked predictions, so confidence-based rules have a choice
-    ensure_mask_token(model, tok)
-    model.config.dllm_attn_mode = "bidirectional"
-    model.config.dllm_logit_shift = True
-    return save_model(model, Path(path), tokenizer=tok)
+    return save_tiny_model(path, tok, "llama", std=std, seed=seed, max_position_embeddings=4096,
+                           tie_word_embeddings=True, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                           bos_token_id=tok.bos_token_id, dllm_logit_shift=True)
 
 
 @pytest.fixture(scope="module")

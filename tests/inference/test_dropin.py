@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import io
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.models.tiny import tiny_config
+from tests.models.tiny import save_tiny_model
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -56,26 +55,10 @@ def tiny_tokenizer():
 
 
 def make_model_dir(path, family="llama", std=0.3, seed=0, mask=True, attn_mode="bidirectional"):
-    """Save a tiny random `family` dLLM (+ tokenizer) as an HF directory; returns its path.
-    std=0.3 gives peaked predictions, so confidence-based rules have something to choose."""
-    from veomni.models.hf_io import save_model
-    from veomni.models.mask_token import ensure_mask_token
-    from veomni.models.registry import build_model
-
+    """A tiny random `family` dLLM with the tiny ChatML tokenizer, saved as an HF directory."""
     tok = tiny_tokenizer()
-    cfg = tiny_config(family, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, bos_token_id=None)
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    model.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, std)
-    if mask:
-        ensure_mask_token(model, tok)
-        model.config.dllm_attn_mode = attn_mode
-    return save_model(model, Path(path), tokenizer=tok)
+    return save_tiny_model(path, tok, family, std=std, seed=seed, mask=mask, attn_mode=attn_mode,
+                           pad_token_id=tok.pad_token_id, bos_token_id=None)
 
 
 def snippet_for(family: str, dtype: str = "bfloat16") -> str:

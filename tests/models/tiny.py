@@ -47,3 +47,31 @@ def build_pair(family: str, tied: bool = False, seed: int = 0, attn_impl: str = 
     assert not unexpected, unexpected
     ours.tie_weights()
     return hf, ours
+
+
+def save_tiny_model(path, tokenizer, family: str = "llama", std: float = 0.3, seed: int = 0,
+                    mask: bool = True, attn_mode: str = "bidirectional", **config_overrides):
+    """Save a tiny random `family` model (+ tokenizer) as an HF directory; returns its path.
+
+    std=0.3 on every non-norm weight gives peaked predictions, so confidence-based sampling rules
+    have something to choose. mask=True adds a mask token and records attn_mode, making it a dLLM.
+    """
+    from pathlib import Path
+
+    from veomni.models.hf_io import save_model
+    from veomni.models.mask_token import ensure_mask_token
+    from veomni.models.registry import build_model
+
+    cfg = tiny_config(family, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                      **config_overrides)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, std)
+    if mask:
+        ensure_mask_token(model, tokenizer)
+        model.config.dllm_attn_mode = attn_mode
+    return save_model(model, Path(path), tokenizer=tokenizer)
