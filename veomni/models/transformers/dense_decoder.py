@@ -97,10 +97,14 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        # fp32 outer product (autocast off) then cast: bf16 angles lose positions beyond ~256.
-        freqs = self.inv_freq[None, :, None].float() @ position_ids[:, None, :].float()
-        emb = torch.cat((freqs, freqs), dim=1).transpose(1, 2)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        # The angles must be computed in fp32 even inside a bf16 autocast region (DDP / single-
+        # process bf16 training): autocast would run this matmul in bf16, whose 8-bit mantissa
+        # puts cos/sin off by up to 0.5 below position 256 and makes them noise past ~1000, so
+        # training would see corrupted positions while fp32 inference sees the right ones.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            freqs = self.inv_freq[None, :, None].float() @ position_ids[:, None, :].float()
+            emb = torch.cat((freqs, freqs), dim=1).transpose(1, 2)
+            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
