@@ -32,8 +32,11 @@ def test_sft_prompt_response_uses_chat_template(tmp_path, jsonl, qwen_tok):
     full = qwen_tok.apply_chat_template(msgs, tokenize=False)
     assert ids[:plen] == qwen_tok(prompt, add_special_tokens=False)["input_ids"]
     assert qwen_tok.decode(ids[:plen]) == prompt
-    assert qwen_tok.decode(ids[plen:]) == full[len(prompt):] + qwen_tok.eos_token
-    assert ids[-1] == qwen_tok.eos_token_id
+    # The template closes the turn with "<|im_end|>\n" and <|im_end|> is the EOS: the target ends
+    # there, with one EOS (not "<|im_end|>\n<|im_end|>").
+    assert full[len(prompt):].endswith(qwen_tok.eos_token + "\n")
+    assert qwen_tok.decode(ids[plen:]) == full[len(prompt):-1]
+    assert ids[-1] == qwen_tok.eos_token_id and ids[plen:].count(qwen_tok.eos_token_id) == 1
 
 
 def test_sft_multiturn_only_last_assistant_is_response(tmp_path, jsonl, qwen_tok):

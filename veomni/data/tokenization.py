@@ -5,9 +5,12 @@ the folder on sys.path and shadow the stdlib ``tokenize`` that ``inspect``/``lin
 
 Per document:
   pretrain  ids(text) + [eos]
-  sft       ids(prompt) + ids(response) + [eos], and prompt_len = len(ids(prompt))
+  sft       ids(prompt) + ids(response), ending in exactly one EOS (the template's own end marker
+            when it is the EOS, else an appended one), and prompt_len = len(ids(prompt))
 No special tokens are added by the tokenizer call itself (``add_special_tokens=False``): SFT text
 comes out of the chat template, which already holds whatever BOS/role tokens the model expects.
+Special-token strings inside corpus text and message contents are tokenized as plain text
+(veomni/data/special_tokens.py); only the chat template's own markers become special tokens.
 
 SFT rendering with the chat template: for a conversation whose last turn is the assistant response,
   prompt   = template(turns before it, add_generation_prompt=True)
@@ -34,10 +37,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .readers import DataFormatError, ReaderOptions, iter_records
+from .special_tokens import (Span, clip_spans, encode_literal, encode_mixed, end_with_one_eos,
+                             has_special_string, render_chat)
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+# 2: special-token strings in text are no longer parsed as special tokens; SFT ends in one EOS.
+CACHE_VERSION = 2
 _CHUNK = 1000  # records per tokenizer call: batched calls are ~10x faster than one-by-one
 
 
@@ -99,18 +105,32 @@ def cache_key(files: Sequence[str], tokenizer, opts: ReaderOptions, use_chat_tem
 # SFT rendering
 
 
-def render_sft(record: dict, tokenizer, use_chat_template: bool, where: str) -> Tuple[str, str]:
-    """Return (prompt_text, response_text) for one validated SFT record."""
+@dataclass
+class SFTText:
+    """One rendered SFT record; the *_literal spans are tokenized with special tokens split."""
+
+    prompt: str
+    response: str
+    prompt_literal: List[Span]
+    response_literal: List[Span]
+
+
+def render_sft(record: dict, tokenizer, use_chat_template: bool, where: str) -> SFTText:
+    """Render one validated SFT record into prompt and response text (see SFTText)."""
     if not use_chat_template:
         if "messages" in record:
             raise DataFormatError(f"{where}: 'messages' records need the chat template (use_chat_template=True)")
-        return record["prompt"], record["response"]
+        p, r = record["prompt"], record["response"]
+        return SFTText(p, r, [(0, len(p))], [(0, len(r))])  # raw text: literal throughout
     if "messages" in record:
         messages = record["messages"]
     else:
         messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if has_special_string(tokenizer, [m["content"] for m in messages]):
+        full, spans = render_chat(tokenizer, messages, False, where)
+    else:  # nothing to protect: the template's rendering is tokenized as it is
+        full, spans = tokenizer.apply_chat_template(messages, tokenize=False), []
     if not full.startswith(prompt):
         # Without this check a template that renders history differently once the answer exists
         # would silently misplace the prompt/response boundary (prompt tokens scored as response).
@@ -119,7 +139,8 @@ def render_sft(record: dict, tokenizer, use_chat_template: bool, where: str) -> 
             f"of the full conversation, so the response cannot be located; prompt ends {prompt[-60:]!r}, "
             f"full text there is {full[len(prompt) - 60:len(prompt)]!r}. Fix the tokenizer's chat_template."
         )
-    return prompt, full[len(prompt):]
+    cut = len(prompt)
+    return SFTText(prompt, full[cut:], clip_spans(spans, 0, cut), clip_spans(spans, cut, len(full)))
 
 
 def _check_tokenizer(tokenizer, data_type: str, use_chat_template: bool) -> int:
@@ -141,8 +162,24 @@ def _check_tokenizer(tokenizer, data_type: str, use_chat_template: bool) -> int:
 # tokenize / cache
 
 
-def _encode(tokenizer, texts: List[str]) -> List[List[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+def _encode(tokenizer, texts: List[str], literals: List[List[Span]]) -> List[List[int]]:
+    """Ids of each text; special-token strings inside its literal spans stay plain text.
+
+    Texts with no literal span, or literal throughout, go through one batched tokenizer call each
+    (batched calls are ~10x faster); only texts that mix both are cut into pieces.
+    """
+    out: List[Optional[List[int]]] = [None] * len(texts)
+    plain = [i for i, lit in enumerate(literals) if not lit]
+    whole = [i for i, lit in enumerate(literals) if lit == [(0, len(texts[i]))]]
+    if plain:
+        for i, ids in zip(plain, tokenizer([texts[i] for i in plain], add_special_tokens=False)["input_ids"]):
+            out[i] = ids
+    for i, ids in zip(whole, encode_literal(tokenizer, [texts[i] for i in whole])):
+        out[i] = ids
+    for i, lit in enumerate(literals):
+        if out[i] is None:
+            out[i] = encode_mixed(tokenizer, texts[i], lit)
+    return out
 
 
 def _tokenize_all(files, tokenizer, opts: ReaderOptions, use_chat_template: bool, eos: int):
@@ -156,16 +193,17 @@ def _tokenize_all(files, tokenizer, opts: ReaderOptions, use_chat_template: bool
         if not batch:
             return
         if opts.data_type == "pretrain":
-            for ids in _encode(tokenizer, [r for _, _, r in batch]):
+            for ids in encode_literal(tokenizer, [r for _, _, r in batch]):
                 pieces.append(np.asarray(ids + [eos], dtype=np.int32))
                 lengths.append(len(ids) + 1)
         else:
             rendered = [render_sft(r, tokenizer, use_chat_template, f"{f}:{n}") for f, n, r in batch]
-            p_ids = _encode(tokenizer, [p for p, _ in rendered])
-            r_ids = _encode(tokenizer, [r for _, r in rendered])
+            p_ids = _encode(tokenizer, [x.prompt for x in rendered], [x.prompt_literal for x in rendered])
+            r_ids = _encode(tokenizer, [x.response for x in rendered], [x.response_literal for x in rendered])
             for p, r in zip(p_ids, r_ids):
-                pieces.append(np.asarray(p + r + [eos], dtype=np.int32))
-                lengths.append(len(p) + len(r) + 1)
+                r = end_with_one_eos(r, eos, tokenizer)
+                pieces.append(np.asarray(p + r, dtype=np.int32))
+                lengths.append(len(p) + len(r))
                 prompt_lens.append(len(p))
         batch.clear()
 
