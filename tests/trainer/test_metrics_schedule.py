@@ -1,5 +1,7 @@
 import math
 
+import torch
+
 import pytest
 from transformers import LlamaConfig
 
@@ -49,3 +51,54 @@ def test_lr_schedules():
     with pytest.raises(ValueError, match="lr_scheduler"):
         lr_factor(50, 0, 100, "step", 0.0)
     assert not math.isnan(lr_factor(0, 0, 0, "cosine", 0.0))
+
+
+def test_block_causal_attention_pairs_and_flops():
+    from veomni.models.flops import attention_pairs
+
+    # n = 10, blocks of 4: [0..3] sees 4 keys, [4..7] sees 8, [8, 9] see 10.
+    assert attention_pairs(10, "block_causal", 4) == 4 * 4 + 4 * 8 + 2 * 10
+    assert attention_pairs(10, "block_causal", 10) == attention_pairs(10, "bidirectional") == 100
+    assert attention_pairs(10, "block_causal", 1) == sum(range(1, 11))
+    with pytest.raises(ValueError, match="block_size"):
+        attention_pairs(10, "block_causal")
+    cfg = LlamaConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    bi = dense_decoder_flops(cfg, [10], head_tokens=4, attn_mode="bidirectional")
+    bc = dense_decoder_flops(cfg, [10], head_tokens=4, attn_mode="block_causal", block_size=4)
+    assert bi - bc == 12 * (100 - 68) * 4 * 2 * 2
+
+
+def test_frozen_flops_by_hand():
+    from veomni.models.flops import Trainability
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    per_layer, head, attn = 576, 800, (9 + 25) * 4 * 2  # matmul params per layer, h*V, pairs*d*heads
+    full = dense_decoder_flops(cfg, [3, 5], head_tokens=4)
+    assert full == 6 * 2 * per_layer * 8 + 6 * head * 4 + 12 * attn * 2
+    # Everything but the head frozen: the body runs forward only, the head forward + weight grad.
+    only_head = Trainability((per_layer, per_layer), (False, False), head_trainable=True, head_input_grad=False)
+    assert dense_decoder_flops(cfg, [3, 5], head_tokens=4, trainable=only_head) == \
+        2 * 2 * per_layer * 8 + 4 * head * 4 + 4 * attn * 2
+    # Layer 0 and the (tied) embedding/head frozen: layer 0 forward only, layer 1 in full, the head
+    # forward + input grad (layer 1 below it trains).
+    bottom = Trainability((per_layer, 0), (False, True), head_trainable=False, head_input_grad=True)
+    assert dense_decoder_flops(cfg, [3, 5], head_tokens=4, trainable=bottom) == \
+        (2 + 6) * per_layer * 8 + 4 * head * 4 + (4 + 12) * attn
+
+
+def test_trainability_from_a_model():
+    from tests.models.tiny import tiny_config
+    from veomni.models.flops import trainability
+    from veomni.models.registry import build_model
+
+    model = build_model(tiny_config("llama"))
+    assert trainability(model) is None
+    per_layer = sum(m.weight.numel() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    model.model.embed_tokens.weight.requires_grad_(False)
+    for p in model.model.layers[0].parameters():
+        p.requires_grad_(False)
+    t = trainability(model)
+    assert t.layer_frozen_matmul == (per_layer, 0) and t.layer_input_grad == (False, True)
+    assert t.head_trainable and t.head_input_grad  # untied head

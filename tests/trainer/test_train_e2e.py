@@ -42,11 +42,21 @@ def _metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def _eval_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "eval_metrics.jsonl").read_text().splitlines()]
+
+
+# Held-out eval every 2 steps on a fixed subset of 2 batches: part of the state a resume must reproduce.
+EVAL = ("--data.eval_split_ratio=0.2", "--train.eval_steps=2", "--train.eval_max_batches=2")
+
+
 def test_run_outputs_and_exact_resume_after_sigkill(tiny_model_dir, tiny_corpus, tmp_path):
     straight = tmp_path / "straight"
     _run(_args(tiny_model_dir, tiny_corpus, straight, "--train.max_steps=6", "--train.save_steps=3",
-               "--train.export_hf=true"))
+               "--train.export_hf=true", *EVAL))
     rows = _metrics(straight)
+    evals = _eval_metrics(straight)
+    assert [r["step"] for r in evals] == [0, 2, 4, 6]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen"):
         assert key in rows[0], key
@@ -59,7 +69,7 @@ def test_run_outputs_and_exact_resume_after_sigkill(tiny_model_dir, tiny_corpus,
 
     # Same command, killed with SIGKILL right after the step-3 checkpoint, then re-run unchanged.
     killed = tmp_path / "killed"
-    args = _args(tiny_model_dir, tiny_corpus, killed, "--train.max_steps=6", "--train.save_steps=3")
+    args = _args(tiny_model_dir, tiny_corpus, killed, "--train.max_steps=6", "--train.save_steps=3", *EVAL)
     proc = _run(args, env={"VEOMNI_DEBUG_KILL_AFTER_STEP": "3"}, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [r["step"] for r in _metrics(killed)] == [1, 2, 3]
@@ -69,12 +79,13 @@ def test_run_outputs_and_exact_resume_after_sigkill(tiny_model_dir, tiny_corpus,
     for a, b in zip(rows, resumed):  # bitwise: CPU fp32, same noise, same data order, same RNG
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["lr"] == b["lr"], (a, b)
         assert a["tokens_seen"] == b["tokens_seen"]
+    assert _eval_metrics(killed) == evals  # the same eval batches and noise, bit for bit
 
     # A corrupted newest checkpoint is reported and skipped: the run resumes from step 3 and
     # reproduces steps 4-6 exactly.
     victim = next((straight / "checkpoints" / "global_step_6").rglob("*.distcp"))
     victim.write_bytes(b"\0" * victim.stat().st_size)
-    proc = _run(_args(tiny_model_dir, tiny_corpus, straight, "--train.max_steps=6", "--train.save_steps=3"))
+    proc = _run(_args(tiny_model_dir, tiny_corpus, straight, "--train.max_steps=6", "--train.save_steps=3", *EVAL))
     assert "global_step_6" in proc.stderr + proc.stdout
     again = _metrics(straight)
     assert [r["loss"] for r in again] == [r["loss"] for r in rows]
@@ -105,13 +116,24 @@ def test_resume_on_a_different_world_size(tiny_model_dir, tiny_corpus, tmp_path)
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tiny_corpus, tmp_path):
     out = tmp_path / "nan"
-    proc = _run(_args(tiny_model_dir, tiny_corpus, out, "--train.max_steps=6", "--train.save_steps=1",
+    proc = _run(_args(tiny_model_dir, tiny_corpus, out, "--train.max_steps=8", "--train.save_steps=1",
                       "--train.lr=1e30", "--train.max_grad_norm=0", "--train.warmup_steps=0",
-                      "--train.lr_scheduler=constant"), check=False)
+                      "--train.lr_scheduler=constant", "--train.max_consecutive_skips=3"), check=False)
     assert proc.returncode != 0
     assert "NonFiniteLossError" in proc.stderr and "last good checkpoint" in proc.stderr
+    assert "3 consecutive steps" in proc.stderr
+    rows = _metrics(out)
+    assert [r["skipped"] for r in rows][-3:] == [1, 1, 1] and rows[-1]["skipped_steps"] >= 3
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts and all(c.startswith("global_step_") and ".tmp" not in c for c in ckpts)
+    # Whatever was saved holds finite weights (skipped steps never touch them; save() checks).
+    import torch
+
+    from veomni.inference.loading import load_for_inference
+
+    newest = max(ckpts, key=lambda c: int(c.rsplit("_", 1)[1]))
+    model, _ = load_for_inference(str(out / "checkpoints" / newest), device="cpu")
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def test_unknown_key_is_an_error(tiny_model_dir, tiny_corpus, tmp_path):

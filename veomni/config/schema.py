@@ -133,8 +133,15 @@ class TrainArgs:
         "cosine", help="Decay after warmup, down to lr * min_lr_ratio.")
     warmup_steps: int = cfg_field(0, help="Linear warmup steps from 0 to lr.")
     weight_decay: float = cfg_field(0.0, help="AdamW weight decay.")
+    weight_decay_exempt: list[str] = cfg_field(
+        ["bias", "norm"], help="Regexes (re.search) on parameter names that get no weight decay; the "
+                               "default exempts biases and norms, as HF Trainer does. Add embed_tokens "
+                               "to exempt the embeddings (and the mask-token row); [] decays everything.")
     betas: list[float] = cfg_field([0.9, 0.95], help="AdamW (beta1, beta2).")
     max_grad_norm: float = cfg_field(1.0, help="Clip the global gradient norm to this; 0 = no clipping.")
+    max_consecutive_skips: int = cfg_field(
+        5, help="A step with a non-finite loss or gradient norm is skipped (no update; logged and counted "
+                "as skipped_steps in metrics.jsonl); the run stops after this many in a row.")
     objective: Literal["mdm", "ar"] = cfg_field(
         "mdm", help="mdm: masked-diffusion loss; ar: next-token loss (needs model.attn_mode=causal).")
     loss_weighting: Literal["inv_t", "none"] = cfg_field(
@@ -202,11 +209,13 @@ class TrainArgs:
         _at_least("train.global_batch_size", self.global_batch_size, 1)
 
     def _check_freeze(self) -> None:
-        for pattern in self.freeze:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"train.freeze pattern {pattern!r} is not a valid regex: {exc}") from None
+        for key in ("freeze", "weight_decay_exempt"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"train.{key} pattern {pattern!r} is not a valid regex: {exc}") from None
+        _at_least("train.max_consecutive_skips", self.max_consecutive_skips, 1)
 
     def resolve_batch(self, dp_size: int) -> int:
         """Fix the batch geometry for ``dp_size`` data-parallel ranks; return grad_accum_steps.
@@ -321,3 +330,8 @@ class Arguments:
         # the loss collapses to ~0 and the model learns nothing usable.
         _check(self.train.objective != "ar" or self.model.attn_mode == "causal",
                f"train.objective='ar' needs model.attn_mode='causal' (got '{self.model.attn_mode}')")
+        # MDM under causal attention would train an AR model with holes in its left context, which
+        # no diffusion sampler can decode (it reveals positions in any order): refused, not guessed.
+        _check(self.train.objective != "mdm" or self.model.attn_mode != "causal",
+               "train.objective='mdm' needs model.attn_mode='bidirectional' or 'block_causal' (got 'causal'); "
+               "use train.objective='ar' to train a causal model")

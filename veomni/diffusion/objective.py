@@ -27,10 +27,16 @@ import torch
 from veomni.diffusion.noise import Corruption, corrupt, score_all
 from veomni.ops.chunked_ce import DEFAULT_CHUNK_SIZE, chunked_linear_cross_entropy
 
-__all__ = ["MDMObjective", "ARObjective", "build_objective", "WEIGHTINGS", "NORMALIZATIONS"]
+__all__ = ["MDMObjective", "ARObjective", "build_objective", "check_mdm_attention", "WEIGHTINGS",
+           "NORMALIZATIONS", "MDM_ATTN_MODES"]
 
 WEIGHTINGS = ("inv_t", "none")
 NORMALIZATIONS = ("masked", "maskable")
+# Causal attention is not offered for MDM: a masked position could only use the tokens to its left,
+# so the model would learn an AR model with holes in its context, and every diffusion sampler
+# (which reveals positions in any order and relies on right context) would run it off-distribution.
+# Use objective="ar" for a causal model.
+MDM_ATTN_MODES = ("bidirectional", "block_causal")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,6 +44,20 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name}={value!r}; choose one of {list(choices)}")
+
+
+def check_mdm_attention(attn_mode: str, block_size):
+    """(attn_mode, block_size) for MDM training, or a ValueError that says what to change."""
+    if attn_mode not in MDM_ATTN_MODES:
+        raise ValueError(
+            f"masked-diffusion training does not support attn_mode={attn_mode!r}: choose one of "
+            f"{list(MDM_ATTN_MODES)} (model.attn_mode), or train.objective='ar' for a causal model")
+    if attn_mode == "block_causal":
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"attn_mode='block_causal' needs a positive int block_size, got {block_size!r}")
+    elif block_size is not None:
+        raise ValueError(f"block_size={block_size} only applies to attn_mode='block_causal' (got {attn_mode!r})")
+    return attn_mode, block_size
 
 
 def _denominator(global_denominator, n_local_scored: int) -> float:
@@ -58,6 +78,7 @@ class _HeadObjective:
     """Shared plumbing: model inputs, the gather of scored rows, and the chunked head + CE."""
 
     attn_mode: str
+    block_size: int | None = None
     logit_shift: bool
     chunk_size: int
 
@@ -71,6 +92,7 @@ class _HeadObjective:
             "segment_ids": batch["segment_ids"],
             "attention_mask": batch["attention_mask"],
             "attn_mode": self.attn_mode,
+            "block_size": self.block_size,
         }
 
     def _token_weights(self, corr: Corruption) -> torch.Tensor:
@@ -129,14 +151,18 @@ class MDMObjective(_HeadObjective):
                    the right choice for AR-initialised models); False: from position i (LLaDA).
     eps:           t ~ U(eps, 1); keeps 1/t bounded by 1/eps.
     per_document:  one t per packed document (True) or per row (False).
+    attn_mode:     "bidirectional" (default) or "block_causal" with ``block_size`` (full attention
+                   inside blocks of position ids, causal across). The model is trained under exactly
+                   this mode; the trainer records the same mode in the exported config, so the
+                   samplers decode the way the model was trained. "causal" is refused (see MDM_ATTN_MODES).
     """
-
-    attn_mode = "bidirectional"
 
     def __init__(
         self,
         *,
         mask_token_id: int,
+        attn_mode: str = "bidirectional",
+        block_size: int | None = None,
         weighting: str = "inv_t",
         normalization: str = "maskable",
         logit_shift: bool = True,
@@ -152,6 +178,7 @@ class MDMObjective(_HeadObjective):
             raise ValueError(f"mask_token_id must be a non-negative int, got {mask_token_id!r}")
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.attn_mode, self.block_size = check_mdm_attention(attn_mode, block_size)
         self.mask_token_id = mask_token_id
         self.weighting = weighting
         self.normalization = normalization

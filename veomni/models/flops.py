@@ -1,15 +1,25 @@
 """FLOPs of a dense decoder, for MFU.
 
-Matmul FLOPs per token for a forward+backward are 6 x (parameters touched by matmuls); attention
-scores and the weighted sum add 12 x len^2 x head_dim x heads x layers per sequence (forward 4,
-backward 8). Bidirectional attention computes the full square; a causal kernel skips half of it, so
-causal counts half (PaLM's appendix counts the full square for both; we count what the kernel does).
+Matmul FLOPs per token: forward 2 x (parameters touched by matmuls); backward 2 x for the gradient
+of the input and 2 x for the gradient of the weight, so 6 x for a fully trained model. Attention
+scores and the weighted sum add 4 (forward) + 8 (backward) x pairs x head_dim x heads per layer,
+where `pairs` is the number of (query, key) pairs the mode computes:
+  bidirectional  len^2
+  causal         len^2 / 2 (a causal kernel skips the upper triangle; PaLM's appendix counts the
+                 full square for both, we count what the kernel does)
+  block_causal   sum over blocks of block_len x keys visible to it (the block and all before it)
 The LM head is counted only for the positions that have a loss (the diffusion loss computes the
 head at masked positions only), which is what makes the figure a *true* MFU.
+
+Frozen parameters (train.freeze) get no weight gradient, and a frozen stretch at the bottom of the
+network needs no input gradient either (nothing below it trains). `trainability(model)` records
+this per decoder layer, and `dense_decoder_flops(..., trainable=...)` drops the FLOPs that
+backward does not run. Without it a frozen model read 3x its real MFU.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Optional, Tuple
 
 
 def dense_decoder_dims(config) -> dict:
@@ -23,18 +33,93 @@ def dense_decoder_dims(config) -> dict:
                 head_params=h * config.vocab_size)
 
 
+@dataclass(frozen=True)
+class Trainability:
+    """What backward computes, per decoder layer (see `trainability`).
+
+    layer_frozen_matmul[l]: matmul weight elements of layer l without a weight gradient.
+    layer_input_grad[l]:    backward runs through layer l (something at or below it trains).
+    head_trainable:         the LM head weight gets a gradient.
+    head_input_grad:        backward runs below the head (anything under it trains).
+    """
+
+    layer_frozen_matmul: Tuple[int, ...]
+    layer_input_grad: Tuple[bool, ...]
+    head_trainable: bool
+    head_input_grad: bool
+
+
+def trainability(model) -> Optional[Trainability]:
+    """Trainability of a DecoderForCausalLM-layout model; None when every parameter trains.
+
+    Layer granularity: a layer that holds any trainable parameter counts its input gradients in
+    full (the exact frontier inside a layer would save little and tie this to the block's wiring).
+    """
+    import torch.nn as nn
+
+    params = list(model.parameters())
+    if all(p.requires_grad for p in params):
+        return None
+    backbone = model.model
+    below = any(p.requires_grad for p in backbone.embed_tokens.parameters())
+    frozen, input_grad = [], []
+    for layer in backbone.layers:
+        below = below or any(p.requires_grad for p in layer.parameters())
+        frozen.append(sum(m.weight.numel() for m in layer.modules()
+                          if isinstance(m, nn.Linear) and not m.weight.requires_grad))
+        input_grad.append(below)
+    below = below or any(p.requires_grad for p in backbone.norm.parameters())
+    return Trainability(tuple(frozen), tuple(input_grad), bool(model.lm_head.weight.requires_grad), below)
+
+
+def attention_pairs(n: int, attn_mode: str, block_size: Optional[int] = None) -> float:
+    """(query, key) pairs the attention of one document of length n computes under attn_mode."""
+    if attn_mode == "bidirectional":
+        return float(n * n)
+    if attn_mode == "causal":
+        return 0.5 * n * n
+    if attn_mode == "block_causal":
+        if not block_size or block_size < 1:
+            raise ValueError(f"attn_mode='block_causal' needs a positive block_size, got {block_size!r}")
+        pairs, start = 0, 0
+        while start < n:  # blocks follow position ids, which restart at 0 in every document
+            end = min(start + block_size, n)
+            pairs += (end - start) * end
+            start = end
+        return float(pairs)
+    raise ValueError(f"unknown attn_mode {attn_mode!r}")
+
+
 def dense_decoder_flops(config, seq_lens: Iterable[int], head_tokens: int | None = None,
-                        attn_mode: str = "bidirectional", backward: bool = True) -> float:
+                        attn_mode: str = "bidirectional", backward: bool = True,
+                        block_size: Optional[int] = None, trainable: Optional[Trainability] = None) -> float:
     """FLOPs of one forward (+backward) over documents of lengths `seq_lens`.
 
     head_tokens: positions where the LM head runs (default: every token).
+    trainable: from `trainability(model)`; None = every parameter trains.
     """
     d = dense_decoder_dims(config)
     seq_lens = list(seq_lens)
     tokens = sum(seq_lens)
     head_tokens = tokens if head_tokens is None else head_tokens
-    mult = 6 if backward else 2
-    matmul = mult * d["body_params"] * tokens + mult * d["head_params"] * head_tokens
-    attn_frac = 0.5 if attn_mode == "causal" else 1.0
-    attn = (mult * 2) * sum(n * n for n in seq_lens) * d["head_dim"] * d["heads"] * d["layers"] * attn_frac
-    return float(matmul + attn)
+    layers = d["layers"]
+    per_layer = d["body_params"] // layers
+    if trainable is not None and len(trainable.layer_input_grad) != layers:
+        raise ValueError(f"trainable describes {len(trainable.layer_input_grad)} layers, the config {layers}")
+    pairs = sum(attention_pairs(n, attn_mode, block_size) for n in seq_lens)
+    attn_unit = pairs * d["head_dim"] * d["heads"]  # one multiply-add pass over the pairs = 2 units
+
+    body = 2 * per_layer * layers  # forward, per token
+    attn = 4 * attn_unit * layers
+    head = 2 * d["head_params"]
+    if backward:
+        if trainable is None:
+            body += 4 * per_layer * layers
+            attn += 8 * attn_unit * layers
+            head += 4 * d["head_params"]
+        else:
+            for frozen, grad_in in zip(trainable.layer_frozen_matmul, trainable.layer_input_grad):
+                body += 2 * per_layer * grad_in + 2 * (per_layer - frozen)
+                attn += 8 * attn_unit * grad_in
+            head += 2 * d["head_params"] * (trainable.head_input_grad + trainable.head_trainable)
+    return float(body * tokens + head * head_tokens + attn)

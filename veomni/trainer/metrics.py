@@ -63,17 +63,33 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, re
     return 2 * size**3 / best
 
 
-def device_peak_flops(device: torch.device, mixed_precision: str, override: Optional[float] = None) -> Optional[float]:
+def matmul_dtype(mixed_precision: str, param_dtype: torch.dtype) -> str:
+    """The dtype the model's matmuls actually run in: 'bf16', 'fp16' or 'fp32'.
+
+    Weights loaded in bf16 run bf16 matmuls even with train.mixed_precision=fp32; taking the peak
+    from the mixed-precision setting alone picked the fp32 peak there and read ~15x too high on an H100.
+    """
+    if param_dtype == torch.float16:
+        return "fp16"
+    if mixed_precision == "bf16" or param_dtype == torch.bfloat16:
+        return "bf16"
+    return "fp32"
+
+
+def device_peak_flops(device: torch.device, compute_dtype: str, override: Optional[float] = None) -> Optional[float]:
+    """Peak FLOP/s of `device` for matmuls in `compute_dtype` (see `matmul_dtype`)."""
+    if compute_dtype not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"compute_dtype must be 'bf16', 'fp16' or 'fp32', got {compute_dtype!r}")
     if override:
         return float(override)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_flops(name, mixed_precision)
+        peak = gpu_peak_flops(name, compute_dtype)
         if peak is None:
             logger.warning("Unknown GPU %r: MFU will be reported as null. Set train.peak_flops to "
                            "its dense peak FLOP/s to get MFU.", name)
         return peak
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute_dtype]
     return measure_matmul_peak(dtype)
 
 

@@ -7,12 +7,18 @@ One step, in order (each numbered comment below matches):
   3. count the loss tokens of all micro-batches on all ranks (one all-reduce) -> global denominator;
   4. forward with the loss computed inside the model (head only at loss positions), backward
      `share * dp_size` (DDP/FSDP average gradients over ranks; see docs/training.md);
-  5. clip, step, schedule; stop on a non-finite loss before the optimizer touches the weights;
-  6. log, evaluate, checkpoint.
+  5. clip and step; a step whose loss or gradient norm is not finite is skipped (the weights and
+     the optimizer state stay as they were, the skip is logged and counted) and the run stops
+     after train.max_consecutive_skips of them in a row; then the schedule;
+  6. log, evaluate, checkpoint (never with non-finite weights).
+
+The main rank holds an exclusive lock on output_dir for the whole run, and torchrun workers exit
+when their launcher dies (veomni/trainer/run_guard.py).
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -25,20 +31,29 @@ import torch
 
 from veomni.arguments import Arguments, save_yaml, to_dict
 from veomni.trainer.loggers import RunLogger, plot_loss_curve, setup_console_logging
-from veomni.trainer.metrics import Throughput, device_peak_flops, memory_stats
+from veomni.trainer.metrics import Throughput, device_peak_flops, matmul_dtype, memory_stats
 from veomni.trainer.schedule import build_scheduler
 
 logger = logging.getLogger("veomni")
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Too many consecutive non-finite steps, or non-finite weights about to be checkpointed."""
 
 
 class Trainer:
     def __init__(self, args: Arguments):
         self.args = args
-        self._setup()
+        self._lock = None
+        try:
+            self._setup()
+        except BaseException:
+            # A failed start must not keep output_dir locked, nor the process's parallel state
+            # (in-process users could not build another Trainer).
+            self._release_lock()
+            if getattr(self, "ps", None) is not None:
+                self.ps.destroy()
+            raise
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -47,31 +62,43 @@ class Trainer:
         a = self.args
         self.ps = init_parallel_state(dp_mode=a.train.data_parallel, dp_replicate=a.train.dp_replicate)
         setup_console_logging(self.ps.rank)
-        self.grad_accum = a.train.resolve_batch(self.ps.dp_size)
+        from veomni.trainer.run_guard import watch_launcher
+
+        watch_launcher()
         self.out_dir = Path(a.train.output_dir)
+        self._take_output_dir()  # before anything is written there (data cache, checkpoints, logs)
+        self.grad_accum = a.train.resolve_batch(self.ps.dp_size)
         torch.manual_seed(a.train.seed)  # model init (from scratch) is identical on every rank
 
         self.tokenizer, self.model = self._build_model()
         self.mask_token_id = self.model.config.mask_token_id
         self._build_data()
         self._build_objective()
-        self.peak_flops = device_peak_flops(self.ps.device, a.train.mixed_precision, a.train.peak_flops)
+        from veomni.models.flops import trainability
+
+        self._trainability = trainability(self.model)  # frozen parts: no weight / input gradients
+        self.compute_dtype = matmul_dtype(a.train.mixed_precision, self.model.dtype)
+        self.peak_flops = device_peak_flops(self.ps.device, self.compute_dtype, a.train.peak_flops)
+        if self.peak_flops:
+            logger.info("MFU peak: %.1f TFLOP/s (%s matmuls)", self.peak_flops / 1e12, self.compute_dtype)
 
         from veomni.distributed import parallelize
 
         self._par_cfg = dict(dp_mode=a.train.data_parallel, mixed_precision=a.train.mixed_precision,
                              gradient_checkpointing=a.model.gradient_checkpointing)
         self.model = parallelize(self.model, self.ps, self._par_cfg)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=a.train.lr, betas=tuple(a.train.betas),
-                                           weight_decay=a.train.weight_decay, eps=1e-8)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=a.train.lr, betas=tuple(a.train.betas),
+                                           eps=1e-8)
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, a.train.lr_scheduler, a.train.warmup_steps,
                                          self.total_steps, a.train.min_lr_ratio)
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient norm, in total
+        self.consecutive_skips = 0
         self._iter = None
         self._resumed_step = None
+        self._last_eval_step = None
         self._resume()
         if self.ps.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,13 +107,49 @@ class Trainer:
                                     wandb_project=a.train.wandb_project, config_dict=to_dict(a),
                                     resume_step=self.step)
 
+    def _take_output_dir(self) -> None:
+        """Main rank: lock output_dir for this run; every rank raises the same error if it is busy."""
+        from veomni.trainer.run_guard import OutputDirLock
+
+        error = None
+        if self.ps.is_main:
+            lock = OutputDirLock(self.out_dir)
+            try:
+                lock.acquire()
+                self._lock = lock
+            except Exception as exc:  # busy, or a filesystem without flock: stop every rank alike
+                error = f"{type(exc).__name__}: {exc}"
+        error = self.ps.broadcast_object(error)
+        if error:
+            from veomni.trainer.run_guard import OutputDirBusyError
+
+            raise OutputDirBusyError(error)
+
+    def _param_groups(self) -> list:
+        """AdamW groups: weight decay on matmul weights and embeddings, none on what matches
+        train.weight_decay_exempt (biases and norms by default, as HF Trainer does)."""
+        from veomni.distributed import unwrap_model
+
+        t = self.args.train
+        decay, exempt = [], []
+        for name, p in unwrap_model(self.model).named_parameters():
+            if p.requires_grad:
+                (exempt if any(re.search(pat, name) for pat in t.weight_decay_exempt) else decay).append(p)
+        if t.weight_decay:
+            logger.info("weight decay %g on %.1fM parameters; %.2fM exempt (train.weight_decay_exempt=%s)",
+                        t.weight_decay, sum(p.numel() for p in decay) / 1e6,
+                        sum(p.numel() for p in exempt) / 1e6, t.weight_decay_exempt)
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
     def _build_model(self):
+        from veomni.models.embedded import resolve_model_path
         from veomni.models.hf_io import load_model, load_tokenizer
         from veomni.models.mask_token import ensure_mask_token
 
         a = self.args
-        path = a.model.require_model_path()
-        tokenizer = load_tokenizer(a.model.tokenizer_path or path)
+        path = resolve_model_path(a.model.require_model_path())
+        tokenizer = load_tokenizer(resolve_model_path(a.model.tokenizer_path or path))
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.model.dtype]
         if a.model.init_from_scratch:
             from transformers import AutoConfig
@@ -150,8 +213,10 @@ class Trainer:
         t = self.args.train
         kwargs = dict(logit_shift=t.logit_shift, chunk_size=t.ce_chunk_size)
         if t.objective == "mdm":
+            m = self.args.model
             kwargs.update(weighting=t.loss_weighting, normalization=t.loss_normalization, eps=t.noise_eps,
-                          per_document=t.noise_per_document, mask_token_id=self.mask_token_id)
+                          per_document=t.noise_per_document, mask_token_id=self.mask_token_id,
+                          attn_mode=m.attn_mode, block_size=m.block_size)
         self.objective = build_objective(t.objective, **kwargs)
 
     def _total_steps(self) -> int:
@@ -174,15 +239,33 @@ class Trainer:
         self.loader.load_state_dict(loader_state)
         self.step = int(train_state["step"])
         self.tokens_seen = int(train_state["tokens_seen"])
+        self.skipped_steps = int(train_state.get("skipped_steps", 0))
+        self.consecutive_skips = int(train_state.get("consecutive_skips", 0))
         self._resumed_step = self.step
         logger.info("resumed from %s at step %d (%d tokens seen)", path, self.step, self.tokens_seen)
+
+    def _weights_finite(self) -> bool:
+        """True on every rank iff no rank's parameter shard holds a NaN or inf."""
+        bad = 0
+        with torch.no_grad():
+            for p in self.model.parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2: this rank's shard
+                bad += int(not bool(torch.isfinite(local).all()))
+        return self.ps.all_reduce_sum(torch.tensor(float(bad), device=self.ps.device)).item() == 0
 
     def save(self) -> None:
         from veomni.checkpoint import save_checkpoint
 
+        if not self._weights_finite():
+            raise NonFiniteLossError(
+                f"the weights hold NaN/inf at step {self.step}; refusing to checkpoint them. The last good "
+                f"checkpoint in {self.out_dir}/checkpoints is kept. Lower train.lr or enable clipping "
+                "(train.max_grad_norm).")
         save_checkpoint(str(self.out_dir), self.step, self.model, self.optimizer, self.scheduler,
                         dataloader_state=self.loader.state_dict(),
-                        train_state={"step": self.step, "tokens_seen": self.tokens_seen},
+                        train_state={"step": self.step, "tokens_seen": self.tokens_seen,
+                                     "skipped_steps": self.skipped_steps,
+                                     "consecutive_skips": self.consecutive_skips},
                         parallel_state=self.ps, keep_last=self.args.train.save_total_limit)
         if self.ps.is_main:
             save_yaml(self.args, self.out_dir / "resolved_config.yaml")
@@ -234,24 +317,32 @@ class Trainer:
                 (out.loss * self.ps.dp_size).backward()
             loss_sum += out.loss.detach()
         loss = self.ps.all_reduce_sum(loss_sum).item()
-        if not math.isfinite(loss):  # 5.
-            raise NonFiniteLossError(
-                f"loss is {loss} at step {self.step + 1}; stopping before the update. The last good "
-                f"checkpoint in {self.out_dir}/checkpoints is kept. Lower train.lr, enable "
-                "clipping (train.max_grad_norm) or check the data.")
         from veomni.distributed import clip_grad_norm_
 
         max_norm = a.train.max_grad_norm if a.train.max_grad_norm > 0 else float("inf")
+        # A non-finite norm comes back without touching the gradients. Both numbers are global
+        # (all-reduced), so every rank takes the same branch below.
         grad_norm = clip_grad_norm_(self.model, max_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))  # 5.
+        if skipped:
+            # Stepping would write NaN/inf into the weights and the Adam moments (and from there
+            # into the next checkpoint); skip the update, keep the step's data and schedule slot.
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            logger.warning("step %d skipped: loss %s, grad norm %s (%d in a row, %d in total)", self.step + 1,
+                           loss, grad_norm, self.consecutive_skips, self.skipped_steps)
+        else:
+            self.optimizer.step()
+            self.consecutive_skips = 0
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
         tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))
         self.tokens_seen += int(self.ps.all_reduce_sum(torch.tensor(float(tokens), device=self.ps.device)).item())
         flops = self._step_flops(micro, corrs)
-        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "flops": flops}
+        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "flops": flops,
+                "skipped": int(skipped)}
 
     def _step_flops(self, micro, corrs) -> float:
         from veomni.models.registry import get_spec
@@ -262,7 +353,8 @@ class Trainer:
         for mb, corr in zip(micro, corrs):
             seg = mb["segment_ids"].cpu()  # one device sync, then cheap host-side counting
             lens = [int(n) for row in seg for n in torch.bincount(row[row > 0]) if n > 0]
-            total += fn(cfg, lens, head_tokens=int(corr.targets.numel()), attn_mode=self.objective.attn_mode)
+            total += fn(cfg, lens, head_tokens=int(corr.targets.numel()), attn_mode=self.objective.attn_mode,
+                        block_size=self.objective.block_size, trainable=self._trainability)
         return total
 
     @property
@@ -279,15 +371,23 @@ class Trainer:
         if self.eval_loader is None:
             return None
         self.model.eval()
+        self._last_eval_step = self.step
         total = torch.zeros(2, device=self.ps.device)  # [sum of weighted CE, loss tokens]
         limit = self.args.train.eval_max_batches
-        for i, batch in enumerate(self.eval_loader):
-            if limit and i >= limit:
-                break
+        # Every evaluation scores the same batches: restart the (unshuffled) eval loader at its first
+        # row, and stop with islice, which never draws the batch after the limit. (Iterating the
+        # stateful loader went on where the previous eval stopped, and the batch fetched to test
+        # `i >= limit` was consumed unscored: each eval scored a different subset.)
+        self.eval_loader.set_epoch(0)
+        batches = iter(self.eval_loader)
+        if limit:
+            batches = itertools.islice(batches, limit)
+        for i, batch in enumerate(batches):
             batch = self._to_device(batch)
-            # Fixed noise for eval (seed, step=0): every evaluation scores the same corruption,
-            # so the curve measures the model, not the dice.
-            corr = self.objective.prepare(batch, make_generator(self.args.train.seed + 1, 0, self.ps.rank, i))
+            # Fixed noise for eval (seed, step=0, global micro-batch index as in training): every
+            # evaluation scores the same corruption, so the curve measures the model, not the dice.
+            corr = self.objective.prepare(batch, make_generator(self.args.train.seed + 1, 0, 0,
+                                                                i * self.ps.dp_size + self.ps.dp_rank))
             n = self.objective.num_loss_tokens(corr)
             with self._autocast():
                 out = self.model(**self.objective.model_inputs(batch, corr),
@@ -318,14 +418,21 @@ class Trainer:
             m = self.train_step()
             self.step += 1
             thr.add(m["tokens"], m["flops"])
-            if self.step % a.train.log_steps == 0 or self.step == self.total_steps:
+            if self.step % a.train.log_steps == 0 or self.step == self.total_steps or m["skipped"]:
                 rate = thr.read()
                 last = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                         "tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"],
                         "tokens_seen": self.tokens_seen, "epoch": self.loader.epoch,
+                        "skipped": m["skipped"], "skipped_steps": self.skipped_steps,
                         **memory_stats(self.ps.device)}
                 self.run_logger.log(last, self.step)
                 thr.reset()
+            if m["skipped"] and self.consecutive_skips >= a.train.max_consecutive_skips:
+                raise NonFiniteLossError(
+                    f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient norm (last: "
+                    f"step {self.step}, loss {m['loss']}, grad norm {m['grad_norm']}); stopping. The last good "
+                    f"checkpoint in {self.out_dir}/checkpoints is kept. Lower train.lr, enable clipping "
+                    "(train.max_grad_norm) or check the data; train.max_consecutive_skips sets the limit.")
                 if bar is not None:
                     mfu = "n/a" if rate["mfu"] is None else f"{100 * rate['mfu']:.1f}%"
                     bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate['tokens_per_s']:.0f}", mfu=mfu)
@@ -345,9 +452,12 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)
         if bar is not None:
             bar.close()
-        if self.step != self._resumed_step:  # re-running a finished run re-saves nothing
+        trained = self.step != self._resumed_step  # re-running a finished run re-saves nothing
+        if trained:
             self.save()
-        if a.train.eval_steps:
+        # The final state is evaluated once: not again when the last step was an eval step, and not
+        # when a finished run is re-run (its final eval is already in eval_metrics.jsonl).
+        if a.train.eval_steps and trained and self._last_eval_step != self.step:
             ev = self.evaluate()
             if ev:
                 self.run_logger.log(ev, self.step, kind="eval")
@@ -361,7 +471,13 @@ class Trainer:
         self.run_logger.close()
         return last
 
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def close(self) -> None:
+        self._release_lock()
         self.ps.destroy()
 
 
