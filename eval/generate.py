@@ -3,11 +3,13 @@
 
     python eval/generate.py --task humaneval --model_path outputs/run/hf --out samples.jsonl \
         --infer.alg=p2 --infer.max_new_tokens=128 --infer.steps=128 --infer.temperature=0.8
-    python eval/generate.py --task humaneval_infill_single --model_path DIR --out s.jsonl --infill_length oracle
+    python eval/generate.py --task humaneval_infill_single --model_path DIR --out s.jsonl   # Open-dLLM protocol
     python eval/generate.py --task mbpp_plus --model_path smollm2_dir --out s.jsonl --mode ar   # AR baseline
 
-Every sampler option is an --infer.<field> flag (InferArgs, see `--help`). With
-`--infill_length avg` one file per length is written: <out stem>.len<N>.jsonl (N in 4..64).
+Every sampler option is an --infer.<field> flag (InferArgs, see `--help`). Infilling follows
+Open-dLLM's protocol unless told otherwise: oracle middle length, 64 steps for every middle
+(--infill_steps), SantaCoder-FIM conditioned on prompt + newline. With `--infill_length avg` one file
+per length is written: <out stem>.len<N>.jsonl (N in 4..64).
 The last stdout line is a JSON object naming the files written.
 """
 from __future__ import annotations
@@ -40,8 +42,14 @@ class GenerateArgs:
     n_samples: int = cfg_field(1, help="Samples per problem (pass@k needs n >= k).")
     limit: Optional[int] = cfg_field(None, help="Only the first K problems.")
     batch_size: int = cfg_field(1, help="Rows per model call (left-padded prompts).")
-    infill_length: str = cfg_field("fixed:64", help="Infilling tasks: fixed:N, oracle or avg "
-                                                    "(one file per length in 4,8,16,32,64).")
+    infill_length: str = cfg_field("oracle", help="Infilling tasks: oracle (tokens of the reference "
+                                                  "middle, Open-dLLM's default), fixed:N or avg (one "
+                                                  "file per length in 4,8,16,32,64).")
+    infill_steps: str = cfg_field("64", help="Infilling tasks, step-based algs: N = the same N steps for "
+                                             "every middle (Open-dLLM: 64); ratio = ceil(middle length "
+                                             "* infer.steps / infer.max_new_tokens).")
+    santacoder_prompt_newline: bool = cfg_field(
+        True, help="santacoder_fim: condition on prompt + newline (Open-dLLM); false = the raw prompt.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = cfg_field("auto", help="Weights dtype.")
     device: str = cfg_field("auto", help="auto, cpu, cuda or cuda:N.")
     seed: int = cfg_field(0, help="Base seed: sample s of problem i uses seed + 100003*s + i.")
@@ -58,6 +66,8 @@ class GenerateArgs:
             raise ConfigError(f"--task={self.task!r} is not one of {', '.join(TASK_NAMES)}")
         if self.n_samples < 1 or self.batch_size < 1 or (self.limit is not None and self.limit < 1):
             raise ConfigError("--n_samples, --batch_size and --limit must be >= 1")
+        if self.infill_steps != "ratio" and not (self.infill_steps.isdigit() and int(self.infill_steps) >= 1):
+            raise ConfigError(f"--infill_steps={self.infill_steps!r}: use a number of steps (>= 1) or ratio")
 
 
 def load(args: GenerateArgs):
@@ -100,7 +110,13 @@ def main(argv=None) -> int:
             raise ValueError(f"--mode ar cannot infill ({args.task}): a causal model never sees the "
                              "suffix. Use --mode diffusion.")
         lengths = G.parse_infill_length(args.infill_length) if is_infill else [None]
-        task = get_task(args.task, args.data_dir)
+        if is_infill and args.infill_steps != "ratio" and any(
+                a == "--infer.steps" or a.startswith("--infer.steps=") for a in (argv or sys.argv[1:])):
+            raise ValueError(f"--infer.steps does not apply to {args.task}: every middle gets --infill_steps "
+                             f"steps (now {args.infill_steps}); pass --infill_steps N, or --infill_steps ratio "
+                             "to scale --infer.steps by the middle length")
+        options = {"prompt_newline": args.santacoder_prompt_newline} if args.task == "santacoder_fim" else {}
+        task = get_task(args.task, args.data_dir, **options)
         problems = task.problems[: args.limit] if args.limit else task.problems
         model, tok = load(args)
         gen_cfg = generation_config_from_infer(args.infer)
@@ -118,9 +134,12 @@ def main(argv=None) -> int:
         if is_infill:
             from veomni.diffusion.sampling.config import STEP_ALGS
 
-            ratio = args.infer.steps / args.infer.max_new_tokens if args.infer.alg in STEP_ALGS else None
+            step_based, by_ratio = args.infer.alg in STEP_ALGS, args.infill_steps == "ratio"
+            ratio = args.infer.steps / args.infer.max_new_tokens if step_based and by_ratio else None
+            steps = int(args.infill_steps) if step_based and not by_ratio else None
             samples = G.infill_samples(problems, model, tok, gen_cfg, length=length, n_samples=args.n_samples,
-                                       batch_size=args.batch_size, seed=args.seed, steps_per_token=ratio,
+                                       batch_size=args.batch_size, seed=args.seed, steps=steps,
+                                       steps_per_token=ratio, prefix_of=task.generation_prefix,
                                        progress=progress)
         else:
             stops = G.STOP_STRINGS.get(args.task, G.HUMANEVAL_STOP) + list(args.infer.stop_strings)
@@ -134,6 +153,7 @@ def main(argv=None) -> int:
         print(f"[generate] wrote {len(samples)} samples to {path}", file=sys.stderr, flush=True)
     summary = dict(task=args.task, model_path=args.model_path, mode=args.mode, n_samples=args.n_samples,
                    n_problems=len(problems), infill_length=args.infill_length if is_infill else None,
+                   infill_steps=args.infill_steps if is_infill else None,
                    files=written, wall_time_s=round(time.time() - t0, 1), infer=to_dict(args.infer))
     print(json.dumps(summary), flush=True)
     return 0

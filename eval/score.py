@@ -17,7 +17,7 @@ from pathlib import Path
 # Run from a checkout without `pip install -e .`: make the repo's `veomni` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from veomni.eval.sandbox import NET_ISOLATION_MODES, SandboxConfig  # noqa: E402
+from veomni.eval.sandbox import FS_ISOLATION_MODES, NET_ISOLATION_MODES, SandboxConfig  # noqa: E402
 from veomni.eval.scoring import ScoreConfig, load_samples  # noqa: E402
 from veomni.eval.tasks import TASK_NAMES, get_task  # noqa: E402
 
@@ -47,11 +47,18 @@ def parse_args(argv=None):
                    help="netns: require an empty network namespace; patch: socket patch only")
     p.add_argument("--santacoder_language", default="py",
                    help="santacoder_fim: language rows to keep ('all' keeps every language)")
+    p.add_argument("--santacoder_match", default="open_dllm", choices=("open_dllm", "first_nonempty"),
+                   help="santacoder_fim: which line of the completion is compared with the reference: "
+                        "open_dllm = the first, or the second after one leading newline (Open-dLLM); "
+                        "first_nonempty = the first non-blank line")
+    p.add_argument("--fs_isolation", default="auto", choices=FS_ISOLATION_MODES,
+                   help="landlock: require Landlock (programs cannot read files outside the interpreter "
+                        "and their working directory); none: do not use it")
     args = p.parse_args(argv)
     if args.canonical == bool(args.samples):
         p.error("give exactly one of --samples FILE or --canonical")
-    if args.task != "santacoder_fim" and args.santacoder_language != "py":
-        p.error("--santacoder_language only applies to --task santacoder_fim")
+    if args.task != "santacoder_fim" and (args.santacoder_language != "py" or args.santacoder_match != "open_dllm"):
+        p.error("--santacoder_language and --santacoder_match only apply to --task santacoder_fim")
     try:
         args.k = tuple(int(k) for k in args.k.split(",") if k.strip())
     except ValueError:
@@ -66,6 +73,7 @@ def main(argv=None) -> int:
         options = {}
         if args.task == "santacoder_fim":
             options["language"] = None if args.santacoder_language == "all" else args.santacoder_language
+            options["match"] = args.santacoder_match
         task = get_task(args.task, args.data_dir, **options)
         log(f"[score] loaded {task.name}: {len(task.problems)} problems from {task.data_file}")
         if args.canonical:
@@ -74,7 +82,8 @@ def main(argv=None) -> int:
             samples = load_samples(args.samples)
         out = args.out or (f"{args.task}.canonical.results.jsonl" if args.canonical
                            else str(Path(args.samples).with_suffix("")) + ".results.jsonl")
-        sandbox = SandboxConfig(memory_bytes=args.memory_mb * 1024**2, net_isolation=args.net_isolation)
+        sandbox = SandboxConfig(memory_bytes=args.memory_mb * 1024**2, net_isolation=args.net_isolation,
+                                fs_isolation=args.fs_isolation)
         config = ScoreConfig(timeout=args.timeout, min_time_limit=args.min_time_limit,
                              gt_time_limit_factor=args.gt_time_limit_factor, ks=args.k, sandbox=sandbox,
                              **({"n_workers": args.n_workers} if args.n_workers is not None else {}))

@@ -70,13 +70,57 @@ def test_santacoder_exact_match(santacoder_dir):
     assert len(get_task("santacoder_fim", santacoder_dir, language=None).problems) == 3
     assert task.score(task.canonical_samples(), ScoreConfig(n_workers=1))["pass@1"] == 1.0
     samples = [
-        {"task_id": "SantaCoderFIM/0", "completion": "\n\n  y = x + 1  \n    z = 0\n"},  # first non-empty line
+        {"task_id": "SantaCoderFIM/0", "completion": "\n  y = x + 1  \n    z = 0\n"},  # one leading newline
         {"task_id": "SantaCoderFIM/1", "completion": "    return 4\n"},
     ]
     assert task.score(samples, ScoreConfig(n_workers=1))["pass@1"] == 0.5
     with pytest.raises(ValueError, match="accepts"):
         task.score([{"task_id": "SantaCoderFIM/0", "solution": "x"}], ScoreConfig(n_workers=1), allow_partial=True)
     assert first_nonempty_line(" \n\t\n  a b \n c") == "a b"
+
+
+def _open_dllm_exact_match(completion, ground_truth):
+    """Open-dLLM eval/eval_infill/compute_em_santa.py, one row (the reference being ported)."""
+    if completion.startswith("\n"):
+        response = completion.split("\n")[1]
+    elif completion.startswith(" \n"):
+        response = completion.split("\n")[1]
+    else:
+        response = completion.split("\n")[0]
+    return response.strip() == ground_truth.strip()
+
+
+FIM_COMPLETIONS = ["    y = x + 1", "    y = x + 1  \n    z = 0\n", "\n    y = x + 1\n", " \n  y = x + 1",
+                   "\n\n    y = x + 1", "  \n    y = x + 1", "\t\n    y = x + 1", "\r\n    y = x + 1", "",
+                   "\n", "y = x + 1\r\nz", "    y = x + 2", "\n    y = x + 1\ny = 2"]
+
+
+def test_santacoder_scoring_matches_open_dllm(santacoder_dir):
+    """Issue 8, item 15: the default scores what Open-dLLM scores (at most one leading newline
+    skipped); `match='first_nonempty'` keeps the first non-blank line rule as an option."""
+    task = get_task("santacoder_fim", santacoder_dir)
+    reference = task.get_problem("SantaCoderFIM/0").canonical
+    samples = [{"task_id": "SantaCoderFIM/0", "completion": c} for c in FIM_COMPLETIONS]
+    rows = task.evaluate([task.get_problem("SantaCoderFIM/0")],
+                         [(task.get_problem("SantaCoderFIM/0"), i, s) for i, s in enumerate(samples)],
+                         ScoreConfig(n_workers=1), None)[0]
+    assert [r["passed"] for r in rows] == [_open_dllm_exact_match(c, reference) for c in FIM_COMPLETIONS]
+    assert sum(r["passed"] for r in rows) == 6  # the tricky ones really differ from first_nonempty
+    loose = get_task("santacoder_fim", santacoder_dir, match="first_nonempty")
+    rows = loose.evaluate(loose.problems[:1], [(loose.problems[0], i, s) for i, s in enumerate(samples)],
+                          ScoreConfig(n_workers=1), None)[0]
+    assert [r["passed"] for r in rows] == [first_nonempty_line(c) == reference.strip() for c in FIM_COMPLETIONS]
+    assert sum(r["passed"] for r in rows) == 10
+    with pytest.raises(ValueError, match="match="):
+        get_task("santacoder_fim", santacoder_dir, match="exact")
+
+
+def test_santacoder_generation_prefix_is_prompt_plus_newline(santacoder_dir):
+    task = get_task("santacoder_fim", santacoder_dir)
+    p = task.problems[0]
+    assert task.generation_prefix(p) == p.prompt + "\n"  # Open-dLLM: d["prompt"] + '\n'
+    raw = get_task("santacoder_fim", santacoder_dir, prompt_newline=False)
+    assert raw.generation_prefix(raw.problems[0]) == p.prompt
 
 
 def _run_cli(*args):

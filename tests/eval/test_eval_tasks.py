@@ -144,17 +144,39 @@ def test_plus_reports_base_and_plus_separately(tasks, tmp_path):
     assert summary["pass@1"] == summary["plus_pass@1"]
 
 
+def test_plus_tolerance_and_oracles_are_judged_in_the_scorer(tasks, tmp_path):
+    """Outputs that differ from the reference's (so their digests differ) travel as literals and are
+    compared in the scorer with evalplus' rules: float tolerance, MBPP's set-equality oracle."""
+    he = tasks["humaneval_plus"]
+    p = he.get_problem("HumanEval/2")  # truncate_number: float outputs, atol 0 -> 1e-6 allowed
+    noisy = p.prompt + p.canonical + "\n_ref = truncate_number\ndef truncate_number(x):\n    return _ref(x) + NOISE\n"
+    rows = [{"task_id": p.task_id, "solution": noisy.replace("NOISE", "1e-9")},
+            {"task_id": p.task_id, "solution": noisy.replace("NOISE", "1e-3")}]
+    out = tmp_path / "he.jsonl"
+    he.score(rows, CONFIG, allow_partial=True, out_path=out)
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["passed"] for r in results] == [True, False], results
+    assert results[1]["result"] == "failed (base): wrong output on input #0"
+    mbpp = tasks["mbpp_plus"]
+    p = mbpp.get_problem("Mbpp/2")  # similar_elements: compared as sets
+    reversed_order = p.prompt + "def similar_elements(a, b):\n    return tuple(sorted(set(a) & set(b), reverse=True))\n"
+    as_list = p.prompt + "def similar_elements(a, b):\n    return sorted(set(a) & set(b)) + [None]\n"
+    out = tmp_path / "mbpp.jsonl"
+    mbpp.score([{"task_id": p.task_id, "solution": reversed_order}, {"task_id": p.task_id, "solution": as_list}],
+               CONFIG, allow_partial=True, out_path=out)
+    assert [json.loads(line)["passed"] for line in out.read_text().splitlines()] == [True, False]
+
+
 def test_mbpp_inputs_get_python_types(tasks):
     p = tasks["mbpp_plus"].get_problem("Mbpp/2")
     assert all(isinstance(a, tuple) for inp in p.meta["base_input"] for a in inp)
 
 
-def test_infill_program_is_prefix_middle_suffix_tests(tasks):
+def test_infill_program_is_prefix_middle_suffix(tasks):
     task = tasks["humaneval_infill_single"]
     p = task.problems[0]
-    program = task.build_program(p, {"completion": p.middle})
-    assert program.startswith(p.prefix + p.middle + p.suffix)
-    assert program.rstrip().endswith(f"check({p.entry_point})")
+    assert task.candidate_code(p, {"completion": "MIDDLE"}) == p.prefix + "MIDDLE" + p.suffix
+    assert task.candidate_code(p, {"solution": "WHOLE"}) == "WHOLE"
 
 
 def test_sample_validation_errors(tasks):

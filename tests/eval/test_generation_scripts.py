@@ -85,7 +85,7 @@ def test_generate_ar_mode_n_samples(tiny_dir, data_dir, tmp_path):
 def test_generate_infill_fixed_and_avg(tiny_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "inf.jsonl"
     base = ["--task", "humaneval_infill_single", "--model_path", tiny_dir, "--data_dir", data_dir,
-            "--limit", 2, *SMALL[1:]]
+            "--limit", 2, "--infill_steps", 1, *SMALL[2:]]
     assert run_generate(base + ["--out", out, "--infill_length", "fixed:4"]) == 0
     rows = read_jsonl(out)
     assert len(rows) == 2 and all(r["completion"] for r in rows)
@@ -100,6 +100,9 @@ def test_generate_refuses_bad_input(tiny_dir, data_dir, tmp_path):
     common = ["--model_path", tiny_dir, "--data_dir", data_dir, "--out", tmp_path / "x.jsonl"]
     assert run_generate(["--task", "humaneval_infill_single", "--mode", "ar", *common]) == 2
     assert run_generate(["--task", "humaneval_infill_single", "--infill_length", "fixed:0", *common]) == 2
+    assert run_generate(["--task", "humaneval_infill_single", "--infill_steps", "0", *common]) == 2
+    # Infilling takes its steps from --infill_steps: a lone --infer.steps would be silently unused.
+    assert run_generate(["--task", "humaneval_infill_single", "--infer.steps=8", *common]) == 2
     assert run_generate(["--task", "nope", *common]) == 2
     assert run_generate(["--task", "humaneval", "--infer.nope=1", *common]) == 2
 
@@ -148,6 +151,76 @@ def test_ar_generate_stops_rows_at_eos(tiny_dir):
     assert got[:2] == free[:2] and got[2:] == [eos] * 3
 
 
+def _open_dllm_sequence(tok, prefix, suffix, middle_len):
+    """Open-dLLM eval/eval_infill/eval_infill.py `infilling()`: the model input for one problem."""
+    return (tok.encode(prefix, add_special_tokens=True) + [tok.mask_token_id] * middle_len
+            + tok.encode(suffix, add_special_tokens=False))
+
+
+def _spy_infill(monkeypatch, tok):
+    """Record, per row of every infill() call, the sequence the model would see and the step count.
+    The sampler itself is not run (other tests do): the middle comes back as one repeated token."""
+    import veomni.diffusion.sampling as sampling
+
+    seen = []
+
+    def spy(model, pre, suf, n_middle, cfg, prefix_attention_mask=None, suffix_attention_mask=None, **kw):
+        for b in range(pre.shape[0]):
+            row_pre = pre[b][prefix_attention_mask[b].bool()].tolist()
+            row_suf = suf[b][suffix_attention_mask[b].bool()].tolist()
+            seen.append((tuple(row_pre + [tok.mask_token_id] * n_middle + row_suf), cfg.steps))
+        middle = torch.full((pre.shape[0], n_middle), tok.encode("x", add_special_tokens=False)[0])
+        return sampling.InfillOutput(middle=middle, sequences=torch.cat([pre, middle, suf], 1))
+
+    monkeypatch.setattr(sampling, "infill", spy)
+    return seen
+
+
+def test_infill_defaults_follow_open_dllm(tiny_dir, data_dir, tmp_path, monkeypatch):
+    """Issue 8, item 15: with no infilling options, generate.py builds exactly Open-dLLM's model
+    inputs (prefix with special tokens + as many masks as the reference middle has tokens + suffix;
+    SantaCoder-FIM's prefix is prompt + newline) and runs 64 steps for every middle."""
+    from veomni.eval.tasks import get_task
+    from veomni.models.hf_io import load_tokenizer
+
+    tok = load_tokenizer(tiny_dir)
+    fim_dir = tmp_path / "fim"
+    (fim_dir / "santacoder_fim").mkdir(parents=True)
+    rows = [{"name": "a", "language": "py", "prompt": "def f(x):", "suffix": "\n    return y\n",
+             "canonical_solution": "    y = x + 1"},
+            {"name": "b", "language": "py", "prompt": "import os\ndef g():", "suffix": "\n",
+             "canonical_solution": "    return os.sep * 3"}]
+    (fim_dir / "santacoder_fim" / "santacoder-fim-task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cases = [("humaneval_infill_single", data_dir, lambda p: p.prompt),
+             ("santacoder_fim", fim_dir, lambda p: p.prompt + "\n")]
+    for task_name, task_dir, open_dllm_prefix in cases:
+        seen = _spy_infill(monkeypatch, tok)
+        assert run_generate(["--task", task_name, "--model_path", tiny_dir, "--data_dir", task_dir, "--limit", 3,
+                             "--batch_size", 2, "--out", tmp_path / f"{task_name}.jsonl",
+                             "--infer.alg=p2", "--infer.temperature=0.6", "--infer.top_p=0.95"]) == 0
+        problems = get_task(task_name, task_dir).problems[:3]
+        expected = sorted((tuple(_open_dllm_sequence(tok, open_dllm_prefix(p), p.suffix,
+                                                     len(tok.encode(p.middle, add_special_tokens=False)))), 64)
+                          for p in problems)
+        assert sorted(seen) == expected, task_name
+
+
+def test_infill_step_ratio_and_raw_prompt_are_options(tiny_dir, tmp_path, monkeypatch):
+    from veomni.models.hf_io import load_tokenizer
+
+    tok = load_tokenizer(tiny_dir)
+    (tmp_path / "santacoder_fim").mkdir()
+    row = {"name": "a", "language": "py", "prompt": "def f(x):", "suffix": "\n", "canonical_solution": "    pass"}
+    (tmp_path / "santacoder_fim" / "santacoder-fim-task.jsonl").write_text(json.dumps(row) + "\n")
+    seen = _spy_infill(monkeypatch, tok)
+    assert run_generate(["--task", "santacoder_fim", "--model_path", tiny_dir, "--data_dir", tmp_path,
+                         "--out", tmp_path / "s.jsonl", "--infill_length", "fixed:5", "--infill_steps", "ratio",
+                         "--infer.steps=6", "--infer.max_new_tokens=4", "--santacoder_prompt_newline=false",
+                         "--infer.alg=p2"]) == 0
+    expected = _open_dllm_sequence(tok, "def f(x):", "\n", 5)  # raw prompt, 5 masks
+    assert seen == [(tuple(expected), 8)]  # ceil(5 * 6 / 4)
+
+
 def _run_script(script, model_dir, data_dir, out_dir, tasks, extra_env):
     env = dict(os.environ, LIMIT="2", MAX_NEW_TOKENS="8", STEPS="4", N_WORKERS="2", OUT_DIR=str(out_dir),
                DATA_DIR=str(data_dir), PYTHON=sys.executable, **extra_env)
@@ -173,3 +246,6 @@ def test_run_eval_infill_end_to_end(tiny_dir, data_dir, tmp_path):
     (row,) = summary["results"]
     assert row["task"] == "humaneval_infill_span_light" and "pass@1" in row
     assert summary["settings"]["infill_length"] == "fixed:4"
+    assert summary["settings"]["infill_steps"] == "4" and summary["settings"]["top_p"] == "0.95"
+    generated = json.loads((tmp_path / "i" / "humaneval_infill_span_light.generate.json").read_text())
+    assert generated["infill_steps"] == "4" and generated["infer"]["temperature"] == 0.6

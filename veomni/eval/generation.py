@@ -1,12 +1,15 @@
 """The generation side of evaluation: problems -> samples ({"task_id", "completion"} lines).
 
-    from veomni.eval.generation import generate_samples, ar_generate
-    samples = generate_samples(task, model, tok, infer, mode="diffusion", n_samples=1)
+    from veomni.eval.generation import completion_samples, infill_samples, ar_generate
+    samples = completion_samples(task.problems, model, tok, gen_config, mode="diffusion",
+                                 stop_strings=HUMANEVAL_STOP)
 
 Completion tasks condition on `problem.prompt` and cut each output at EOS and at the task's stop
 strings. Infilling tasks decode prefix + N masks + suffix with `infill(...)` (diffusion only) and
-the decoded middle is the completion. `mode="ar"` is the autoregressive baseline: a KV-cached
-causal decode loop on the same model class (`ar_generate`).
+the decoded middle is the completion. eval/generate.py follows Open-dLLM's infilling protocol by
+default: oracle length, the same number of steps for every middle, SantaCoder-FIM conditioned on
+prompt + newline. `mode="ar"` is the autoregressive baseline: a KV-cached causal decode loop on
+the same model class (`ar_generate`).
 
 Seeds: sample s of problem i gets seed `seed + SEED_STRIDE * s + i`, whatever the batch size, so a
 run is reproducible and changing --batch_size does not change the samples.
@@ -203,19 +206,32 @@ def completion_samples(problems, model, tokenizer, gen_config, *, mode: str, sto
     return _in_problem_order(samples, problems)
 
 
+OPEN_DLLM_INFILL_STEPS = 64  # Open-dLLM eval_infill: --steps 64 for every middle, whatever its length
+
+
 def infill_samples(problems, model, tokenizer, gen_config, *, length, n_samples: int = 1,
-                   batch_size: int = 1, seed: int = 0, steps_per_token: Optional[float] = None,
+                   batch_size: int = 1, seed: int = 0, steps: Optional[int] = None,
+                   steps_per_token: Optional[float] = None, prefix_of: Optional[Callable] = None,
                    progress: Optional[Progress] = None) -> List[Dict]:
     """Middles decoded by `infill`; `length` is an int (fixed) or 'oracle' (tokens of the true middle).
 
-    steps_per_token: step-based algs get max(1, ceil(n_middle * steps_per_token)) steps (the same
-    ratio as --infer.steps / --infer.max_new_tokens); None for the dynamic algs.
+    Step-based algs need exactly one of: `steps`, the same number for every middle (Open-dLLM's
+    protocol), or `steps_per_token`, max(1, ceil(n_middle * steps_per_token)) steps. Dynamic algs
+    take neither. `prefix_of(problem)` is the text the model is conditioned on before the middle
+    (default `problem.prefix`; `Task.generation_prefix` is the protocol's choice, e.g. SantaCoder-FIM's
+    prompt + newline). As in Open-dLLM, the prefix is tokenized with special tokens, the suffix and
+    the oracle middle without.
     """
     import dataclasses
 
     from veomni.diffusion.sampling import infill
     from veomni.inference.generate import left_pad
 
+    if steps is not None and steps_per_token is not None:
+        raise ValueError("infill_samples: give steps (fixed per middle) or steps_per_token, not both")
+    if steps is not None and steps < 1:
+        raise ValueError(f"infill_samples: steps must be >= 1, got {steps}")
+    prefix_of = prefix_of or (lambda problem: problem.prefix)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     samples = []
     for batch in _work_items(len(problems), n_samples, batch_size):
@@ -226,12 +242,12 @@ def infill_samples(problems, model, tokenizer, gen_config, *, length, n_samples:
             n = len(tokenizer(p.middle, add_special_tokens=False).input_ids) if length == "oracle" else int(length)
             groups.setdefault(max(n, 1), []).append((i, s))
         for n_mid, group in groups.items():
-            pre_rows = [tokenizer(problems[i].prefix).input_ids for i, _ in group]
+            pre_rows = [tokenizer(prefix_of(problems[i])).input_ids for i, _ in group]
             pre, pre_mask = left_pad(pre_rows, pad, model.device)
             suf_rows = [tokenizer(problems[i].suffix, add_special_tokens=False).input_ids for i, _ in group]
             suf, suf_mask = _right_pad(suf_rows, pad, model.device)
-            steps = None if steps_per_token is None else max(1, math.ceil(n_mid * steps_per_token))
-            cfg = dataclasses.replace(gen_config, max_new_tokens=None, steps=steps)
+            n_steps = steps if steps_per_token is None else max(1, math.ceil(n_mid * steps_per_token))
+            cfg = dataclasses.replace(gen_config, max_new_tokens=None, steps=n_steps)
             out = infill(model, pre, suf, n_mid, cfg, prefix_attention_mask=pre_mask,
                          suffix_attention_mask=suf_mask, seed=[sample_seed(seed, i, s) for i, s in group])
             for (i, s), row in zip(group, out.middle.tolist()):

