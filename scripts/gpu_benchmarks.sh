@@ -46,6 +46,6 @@ python3 tasks/train_torch.py configs/quickstart/smollm2_mdm.yaml --model.model_p
   --data.eval_split_ratio=0 --train.export_hf=false --train.progress_bar=false 2>&1 | tail -n 5
 cp "$OUT/train/metrics.jsonl" "$OUT/train_metrics.jsonl"
 
-# 3. Decoding: every strategy vs naive, 256 new tokens, batch 1 and 8.
-python3 scripts/bench_decode.py --model_path "$MODEL" --device cuda --dtype bfloat16 \
+# 3. Decoding: every cached / parallel row beside its own baseline, 256 new tokens, batch 1 and 8.
+python3 scripts/bench_decode.py --model_path "$MODEL" --scorer_path "$MODEL" --device cuda --dtype bfloat16 \
   --new_tokens 256 --batch_sizes 1,8 --max_minutes 0 --out "$OUT/bench_decode_gpu.md" | tail -n 40

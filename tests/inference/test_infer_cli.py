@@ -1,4 +1,5 @@
-"""tasks/infer.py end to end, its pieces (history page, live view, chat) and bench_decode.py.
+"""tasks/infer.py end to end and its pieces (history page, live view, chat); bench_decode.py has
+tests/inference/test_bench_decode.py.
 
 One subprocess run checks the real entry point; everything else calls main(argv) in-process and
 compares with the same generation done directly, so each check can fail on a wrong output.
@@ -220,24 +221,6 @@ def test_training_checkpoint_and_run_dir(model_dir, loaded, tmp_path):
     assert cli(["--model_path", str(run)] + argv).endswith(want + "\n")
 
 
-def test_bench_decode_smoke(model_dir, tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import bench_decode
-    finally:
-        sys.path.pop(0)
-    out = tmp_path / "bench.md"
-    table = bench_decode.main(["--model_path", str(model_dir), "--new_tokens", "8", "--batch_sizes", "1,2",
-                               "--block_length", "4", "--device", "cpu", "--out", str(out)])
-    rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
-    names = list(bench_decode.strategies(8, 4, 2))
-    assert len(rows) == 2 * len(names) and len(names) >= 9
-    for name in names:
-        assert f"| 1 | {name} |" in table and f"| 2 | {name} |" in table
-    assert re.search(r"\| 1 \| naive \| 8 \| 1\.00 \| [\d.]+ \| [\d.]+ \| 1\.000 \|", table)
-    assert out.read_text() == table
-
-
 def test_infer_args_map_to_sampler_config():
     from veomni.config.schema import InferArgs
     from veomni.inference.generate import generation_config_from_infer
@@ -249,3 +232,5 @@ def test_infer_args_map_to_sampler_config():
     assert th.threshold == 0.8 and th.steps is None and th.stop_strings == ["\n\n"]
     dream = generation_config_from_infer(InferArgs(max_new_tokens=16, steps=24, exact_step_counts=True))
     assert dream.steps == 24 and dream.exact_step_counts and dream.seed == 0
+    fac = generation_config_from_infer(InferArgs(alg="factor", factor=1.0, factor_strict=True))
+    assert fac.factor_strict and not generation_config_from_infer(InferArgs(alg="factor", factor=1.0)).factor_strict

@@ -49,23 +49,31 @@ def test_threshold_commits_all_above_tau_and_one_per_row():
 
 
 def test_factor_rule():
-    # f = 1: commit the largest n with (i+1)(1-c_i) < 1 for all i <= n, at least one.
+    # f = 1: candidate n passes when c_n >= 1 - 1/(n+1) (0.67, 0.75, 0.8 for n = 2, 3, 4).
     conf = torch.tensor([[0.99, 0.9, 0.8, 0.5], [0.6, 0.55, 0.1, 0.1], [0.3, 0.2, 0.2, 0.1],
                          [0.99, 0.99, 0.99, 0.99]], dtype=torch.float64)
-    # row 0: 0.02, 0.3, 0.8 < 1, then 2.5 -> 3; row 1: 0.8, then 1.35 -> 1; row 2: 1.4 -> 1 (forced)
-    assert factor_count(conf, 1.0).tolist() == [3, 1, 1, 4]
-    # f = 3: row 1: .8, 1.35 < 3, then 4 * .9 = 3.6 -> 2; row 2: 1.4, 2.4 < 3, then 3.2 -> 2
+    # row 0: 0.9, 0.8 pass, 0.5 (the last) fails -> Fast-dLLM commits all 4, strict 3;
+    # row 1: 0.55 fails at n = 2 (not the last) -> 1; row 2: the same -> 1
+    assert factor_count(conf, 1.0).tolist() == [4, 1, 1, 4]
+    assert factor_count(conf, 1.0, strict=True).tolist() == [3, 1, 1, 4]
+    # f = 3 (thresholds 0, 0.25, 0.4): rows 1 and 2 fail at n = 3 of 4 -> 2
     assert factor_count(conf, 3.0).tolist() == [4, 2, 2, 4]
+    # the example: f = 1, [0.9, 0.1] -> Fast-dLLM commits both, strict one
+    two = torch.tensor([[0.9, 0.1]], dtype=torch.float64)
+    assert factor_count(two, 1.0).tolist() == [2] and factor_count(two, 1.0, strict=True).tolist() == [1]
+    # a row with nothing eligible commits nothing
+    assert factor_count(torch.full((1, 3), -math.inf, dtype=torch.float64), 1.0).tolist() == [0]
 
 
-def test_factor_rule_in_generation():
+@pytest.mark.parametrize("strict, row0", [(False, [10, 11, 12, 13]), (True, [10, MASK, 12, 13])])
+def test_factor_rule_in_generation(strict, row0):
     first = table([[(10, .99), (11, .5), (12, .9), (13, .8)],
                    [(20, .6), (21, .55), (22, .1), (23, .1)]])
     rest = table([[(10, .99)] * 4, [(20, .99)] * 4])
     model = ScriptedModel(scripted([first, rest]))
     out = diffusion_generate(model, PROMPT.repeat(2, 1), alg="factor", factor=1.0, max_new_tokens=4,
-                             block_length=4, output_history=True)
-    assert out.history[0][:, P:].tolist() == [[10, MASK, 12, 13], [20, MASK, MASK, MASK]]
+                             block_length=4, output_history=True, factor_strict=strict)
+    assert out.history[0][:, P:].tolist() == [row0, [20, MASK, MASK, MASK]]
 
 
 def _random_script(seed):
@@ -106,8 +114,10 @@ def test_dream_confidence_algs_commit_most_confident(alg):
     assert out.sequences[0, P:].tolist() == [10, 11, 12, 13]
 
 
-def test_p2_remask_count_and_revision():
-    # call 0: position 0 is very confident with token 10; call 1: position 0 now predicts 40.
+def test_p2_keeps_decoded_tokens_and_writes_only_masked_positions():
+    # call 0: position 0 is very confident with token 10; call 1: position 0 now predicts 40, still
+    # the most confident, so it is not re-masked. Open-dLLM writes only positions that were masked
+    # at the start of the step: token 10 stays (the old sampler rewrote it to 40).
     first = table([[(10, .99), (11, .2), (12, .3), (13, .4), (14, .5), (15, .6), (16, .7), (17, .8)]])
     second = table([[(40, .99), (41, .2), (42, .3), (43, .4), (44, .5), (45, .6), (46, .7), (47, .8)]])
     model = ScriptedModel(scripted([first, second]))
@@ -115,7 +125,29 @@ def test_p2_remask_count_and_revision():
     masks_left = [int((h[:, P:] == MASK).sum()) for h in out.history]
     assert masks_left == [6, 4, 2, 0]  # floor((1 - (i+1)/4) * 8)
     assert out.history[0][0, P:].tolist() == [10] + [MASK] * 6 + [17]  # the 2 most confident kept
-    assert out.history[1][0, P].item() == 40  # a decoded token was revised
+    assert out.history[1][0, P:].tolist() == [10] + [MASK] * 4 + [45, 46, 17]
+    assert out.sequences[0, P:].tolist() == [10, 41, 42, 43, 44, 45, 46, 17]
+
+
+def test_p2_remasks_a_decoded_token_and_redecodes_it():
+    # call 0 decodes position 0 (token 10, conf .99) and 7; at call 1 position 0 is the least
+    # confident of all, so it is re-masked and decoded again later with the new prediction.
+    first = table([[(10, .99), (11, .2), (12, .3), (13, .4), (14, .5), (15, .6), (16, .7), (17, .8)]])
+    second = table([[(40, .05), (41, .9), (42, .9), (43, .9), (44, .9), (45, .9), (46, .9), (47, .9)]])
+    model = ScriptedModel(scripted([first, second]))
+    out = diffusion_generate(model, PROMPT, alg="p2", max_new_tokens=8, steps=4, output_history=True)
+    assert out.history[0][0, P].item() == 10
+    assert out.history[1][0, P].item() == MASK  # a decoded token went back to MASK
+    assert out.sequences[0, P].item() == 40
+
+
+def test_p2_stops_when_nothing_is_masked():
+    # 4 tokens, 8 steps: masks left floor(4 * (1 - (i+1)/8)) = 3,3,2,2,1,1,0 -> the 8th step has
+    # nothing masked and runs no forward (the old sampler spent all 8).
+    model = ScriptedModel(_random_script(2))
+    out = diffusion_generate(model, PROMPT, alg="p2", max_new_tokens=4, steps=8, output_history=True)
+    assert [int((h[:, P:] == MASK).sum()) for h in out.history] == [3, 3, 2, 2, 1, 1, 0]
+    assert out.stats["nfe"] == 7 == len(model.calls)
 
 
 def test_llada_commits_inside_current_block_only():

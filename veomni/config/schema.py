@@ -263,6 +263,9 @@ class InferArgs:
     threshold: Optional[float] = cfg_field(None, help="Confidence threshold for alg=threshold (required "
                                                       "there) or the entropy threshold of multi_block.")
     factor: Optional[float] = cfg_field(None, help="Parallel-decoding factor for alg=factor (required there).")
+    factor_strict: bool = cfg_field(
+        False, help="alg=factor: commit only the candidates that pass c_n >= 1 - f/(n+1); false = "
+                    "Fast-dLLM's count, which also commits the last candidate when it is the only one failing.")
     cfg_scale: float = cfg_field(0.0, help="Classifier-free guidance scale; 0 = off.")
     use_cache: Literal["none", "prefix", "dual", "block"] = cfg_field(
         "none", help="KV cache: none, prefix (Fast-dLLM), dual (prefix + suffix), block.")

@@ -36,6 +36,7 @@ def generation_config_from_infer(infer) -> GenerationConfig:
         max_new_tokens=infer.max_new_tokens, steps=infer.steps, alg=infer.alg,
         temperature=infer.temperature, top_p=infer.top_p, top_k=infer.top_k, eps=infer.eps,
         alg_temp=infer.alg_temp, block_length=infer.block_length, factor=infer.factor,
+        factor_strict=infer.factor_strict,
         cfg_scale=infer.cfg_scale, use_cache=infer.use_cache, seed=infer.seed,
         exact_step_counts=infer.exact_step_counts, block_add_threshold=infer.block_add_threshold,
         decoded_token_threshold=infer.decoded_token_threshold,

@@ -37,14 +37,14 @@ MISSING_MASK_MSG = (
 # Built-in defaults, applied by resolve() to fields still unset after merging with the model.
 _DEFAULTS: Dict[str, Any] = dict(
     max_new_tokens=128, alg="maskgit_plus", temperature=0.0, eps=1e-3, exact_step_counts=False,
-    threshold=0.9, factor=1.0, cfg_scale=0.0, use_cache="none",
+    threshold=0.9, factor=1.0, factor_strict=False, cfg_scale=0.0, use_cache="none",
     block_add_threshold=0.1, decoded_token_threshold=0.95, entropy_threshold=0.5,
     stop_at_eos=True, output_history=False, return_dict=True, logit_shift=True,
 )
 # Options that only some algs read: field -> algs.
 _ONLY_FOR = dict(
     eps=DREAM_ALGS, alg_temp=DREAM_ALGS[1:], exact_step_counts=DREAM_ALGS[1:] + LLADA_ALGS,
-    block_length=BLOCK_ALGS, threshold=("threshold",), factor=("factor",),
+    block_length=BLOCK_ALGS, threshold=("threshold",), factor=("factor",), factor_strict=("factor",),
     block_add_threshold=("multi_block",), decoded_token_threshold=("multi_block",),
     entropy_threshold=("multi_block",),
 )
@@ -68,6 +68,8 @@ class GenerationConfig:
     block_length: semi-autoregressive block (low_confidence/random: max_new_tokens, i.e. one
         block; threshold/factor/multi_block: 32; block_causal models: block_size).
     threshold: alg='threshold' confidence tau (default 0.9). factor: alg='factor' f (default 1.0).
+    factor_strict: alg='factor': False (default) = Fast-dLLM's count, which also commits the last
+        candidate when it is the only one failing; True = only the candidates that pass (parallel.py).
     cfg_scale: classifier-free guidance (0 = off); the unconditional pass masks the prompt.
     use_cache: 'none' | 'prefix' | 'dual' | 'block' (see docs/inference.md for exactness).
     attn_mode/block_size: default from model.config.dllm_attn_mode/dllm_block_size, else
@@ -98,6 +100,7 @@ class GenerationConfig:
     block_length: Optional[int] = None
     threshold: Optional[float] = None
     factor: Optional[float] = None
+    factor_strict: Optional[bool] = None
     cfg_scale: Optional[float] = None
     use_cache: Optional[str] = None
     attn_mode: Optional[str] = None
@@ -219,7 +222,7 @@ def _check_non_applicable(c: GenerationConfig) -> None:
         value = getattr(c, name)
         if value is None or alg in algs or value == _DEFAULTS.get(name):
             continue
-        if name == "exact_step_counts" and value is False:
+        if name in ("exact_step_counts", "factor_strict") and value is False:
             continue
         raise ValueError(f"{name}={value!r} does not apply to alg={alg!r} (it is read by {algs} "
                          "only); remove it or pick one of those algs.")

@@ -75,7 +75,7 @@ def run_semi_ar(state: DecodeState) -> None:
         elif cfg.alg == "threshold":
             select = select_threshold(conf, cfg.threshold)
         else:
-            select = select_factor(conf, cfg.factor)
+            select = select_factor(conf, cfg.factor, cfg.factor_strict)
         if cfg.use_cache == "block":
             # Keys written this step are final up to the attention block of the first position that
             # was still masked when they were computed.
