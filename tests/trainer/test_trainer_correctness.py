@@ -202,3 +202,10 @@ def test_frozen_parameters_are_not_counted_at_6n(tiny_model_dir, tiny_corpus, tm
     t = frozen._trainability
     assert t.layer_input_grad == (False, True) and t.head_trainable is False  # tied head = frozen embedding
     assert 0 < f_frozen < f_full
+
+
+def test_progress_bar_shows_loss_throughput_and_mfu(tiny_model_dir, tiny_corpus, tmp_path, capsys):
+    tr = _trainer(tiny_model_dir, tiny_corpus, tmp_path / "bar", "--train.max_steps=2", "--train.progress_bar=true")
+    _run(tr)
+    err = capsys.readouterr().err
+    assert "loss=" in err and "tok_s=" in err and "mfu=" in err, err[-500:]

@@ -427,15 +427,15 @@ class Trainer:
                         **memory_stats(self.ps.device)}
                 self.run_logger.log(last, self.step)
                 thr.reset()
+                if bar is not None:
+                    mfu = "n/a" if rate["mfu"] is None else f"{100 * rate['mfu']:.1f}%"
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate['tokens_per_s']:.0f}", mfu=mfu)
             if m["skipped"] and self.consecutive_skips >= a.train.max_consecutive_skips:
                 raise NonFiniteLossError(
                     f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient norm (last: "
                     f"step {self.step}, loss {m['loss']}, grad norm {m['grad_norm']}); stopping. The last good "
                     f"checkpoint in {self.out_dir}/checkpoints is kept. Lower train.lr, enable clipping "
                     "(train.max_grad_norm) or check the data; train.max_consecutive_skips sets the limit.")
-                if bar is not None:
-                    mfu = "n/a" if rate["mfu"] is None else f"{100 * rate['mfu']:.1f}%"
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate['tokens_per_s']:.0f}", mfu=mfu)
             if bar is not None:
                 bar.update(1)
             if a.train.eval_steps and self.step % a.train.eval_steps == 0:
