@@ -57,8 +57,7 @@ def trainability(model) -> Optional[Trainability]:
     """
     import torch.nn as nn
 
-    params = list(model.parameters())
-    if all(p.requires_grad for p in params):
+    if all(p.requires_grad for p in model.parameters()):
         return None
     backbone = model.model
     below = any(p.requires_grad for p in backbone.embed_tokens.parameters())
@@ -109,17 +108,15 @@ def dense_decoder_flops(config, seq_lens: Iterable[int], head_tokens: int | None
     pairs = sum(attention_pairs(n, attn_mode, block_size) for n in seq_lens)
     attn_unit = pairs * d["head_dim"] * d["heads"]  # one multiply-add pass over the pairs = 2 units
 
+    if trainable is None:  # everything trains: every input and weight gradient is computed
+        trainable = Trainability((0,) * layers, (True,) * layers, head_trainable=True, head_input_grad=True)
+
     body = 2 * per_layer * layers  # forward, per token
     attn = 4 * attn_unit * layers
     head = 2 * d["head_params"]
     if backward:
-        if trainable is None:
-            body += 4 * per_layer * layers
-            attn += 8 * attn_unit * layers
-            head += 4 * d["head_params"]
-        else:
-            for frozen, grad_in in zip(trainable.layer_frozen_matmul, trainable.layer_input_grad):
-                body += 2 * per_layer * grad_in + 2 * (per_layer - frozen)
-                attn += 8 * attn_unit * grad_in
-            head += 2 * d["head_params"] * (trainable.head_input_grad + trainable.head_trainable)
+        for frozen, grad_in in zip(trainable.layer_frozen_matmul, trainable.layer_input_grad):
+            body += 2 * per_layer * grad_in + 2 * (per_layer - frozen)
+            attn += 8 * attn_unit * grad_in
+        head += 2 * d["head_params"] * (trainable.head_input_grad + trainable.head_trainable)
     return float(body * tokens + head * head_tokens + attn)

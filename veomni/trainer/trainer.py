@@ -148,8 +148,8 @@ class Trainer:
         from veomni.models.mask_token import ensure_mask_token
 
         a = self.args
-        path = resolve_model_path(a.model.require_model_path())
-        tokenizer = load_tokenizer(resolve_model_path(a.model.tokenizer_path or path))
+        path = resolve_model_path(a.model.require_model_path())  # AutoConfig below needs a real path
+        tokenizer = load_tokenizer(a.model.tokenizer_path or path)  # load_tokenizer resolves embedded names
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.model.dtype]
         if a.model.init_from_scratch:
             from transformers import AutoConfig
