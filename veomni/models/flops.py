@@ -1,4 +1,4 @@
-"""FLOPs of a dense decoder, for MFU.
+"""FLOPs of a decoder (dense or mixture-of-experts), for MFU.
 
 Matmul FLOPs per token: forward 2 x (parameters touched by matmuls); backward 2 x for the gradient
 of the input and 2 x for the gradient of the weight, so 6 x for a fully trained model. Attention
@@ -22,15 +22,34 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple
 
 
+def _mlp_active_params(config, layer_idx: int) -> int:
+    """Matmul weights one token passes through in the MLP of layer `layer_idx`.
+
+    Dense: gate, up, down. Sparse (MoE): the router (h x E), its top-k experts' SwiGLUs, and the
+    shared expert with its gate when the family has one (Qwen2-MoE): the *active* parameters,
+    which is what a token costs; counting all E experts would put MoE MFU up to E/k times too high.
+    """
+    h = config.hidden_size
+    if getattr(config, "num_experts", 0):
+        from veomni.models.transformers.moe import is_sparse_layer
+
+        if is_sparse_layer(config, layer_idx):
+            active = h * config.num_experts + config.num_experts_per_tok * 3 * h * config.moe_intermediate_size
+            shared = getattr(config, "shared_expert_intermediate_size", 0) or 0
+            return active + (3 * h * shared + h if shared else 0)
+    return 3 * h * config.intermediate_size
+
+
 def dense_decoder_dims(config) -> dict:
+    """Sizes for the FLOPs count; `layer_params[l]` = matmul weights a token passes in layer l."""
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    h, layers = config.hidden_size, config.num_hidden_layers
     attn = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
-    mlp = 3 * h * i
-    return dict(layers=layers, heads=heads, head_dim=head_dim, body_params=layers * (attn + mlp),
-                head_params=h * config.vocab_size)
+    layer_params = [attn + _mlp_active_params(config, i) for i in range(layers)]
+    return dict(layers=layers, heads=heads, head_dim=head_dim, body_params=sum(layer_params),
+                layer_params=layer_params, head_params=h * config.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -60,12 +79,18 @@ def trainability(model) -> Optional[Trainability]:
     if all(p.requires_grad for p in model.parameters()):
         return None
     backbone = model.model
+    from veomni.models.transformers.moe import Experts
+
     below = any(p.requires_grad for p in backbone.embed_tokens.parameters())
     frozen, input_grad = [], []
     for layer in backbone.layers:
         below = below or any(p.requires_grad for p in layer.parameters())
-        frozen.append(sum(m.weight.numel() for m in layer.modules()
-                          if isinstance(m, nn.Linear) and not m.weight.requires_grad))
+        n = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad)
+        for m in layer.modules():  # fused experts: a token touches top_k of num_experts of them
+            if isinstance(m, Experts):
+                n += sum(p.numel() for p in (m.gate_up_proj, m.down_proj)
+                         if not p.requires_grad) * m.top_k // m.num_experts
+        frozen.append(n)
         input_grad.append(below)
     below = below or any(p.requires_grad for p in backbone.norm.parameters())
     return Trainability(tuple(frozen), tuple(input_grad), bool(model.lm_head.weight.requires_grad), below)
@@ -102,7 +127,6 @@ def dense_decoder_flops(config, seq_lens: Iterable[int], head_tokens: int | None
     tokens = sum(seq_lens)
     head_tokens = tokens if head_tokens is None else head_tokens
     layers = d["layers"]
-    per_layer = d["body_params"] // layers
     if trainable is not None and len(trainable.layer_input_grad) != layers:
         raise ValueError(f"trainable describes {len(trainable.layer_input_grad)} layers, the config {layers}")
     pairs = sum(attention_pairs(n, attn_mode, block_size) for n in seq_lens)
@@ -111,11 +135,12 @@ def dense_decoder_flops(config, seq_lens: Iterable[int], head_tokens: int | None
     if trainable is None:  # everything trains: every input and weight gradient is computed
         trainable = Trainability((0,) * layers, (True,) * layers, head_trainable=True, head_input_grad=True)
 
-    body = 2 * per_layer * layers  # forward, per token
+    body = 2 * d["body_params"]  # forward, per token
     attn = 4 * attn_unit * layers
     head = 2 * d["head_params"]
     if backward:
-        for frozen, grad_in in zip(trainable.layer_frozen_matmul, trainable.layer_input_grad):
+        for per_layer, frozen, grad_in in zip(d["layer_params"], trainable.layer_frozen_matmul,
+                                              trainable.layer_input_grad):
             body += 2 * per_layer * grad_in + 2 * (per_layer - frozen)
             attn += 8 * attn_unit * grad_in
         head += 2 * d["head_params"] * (trainable.head_input_grad + trainable.head_trainable)

@@ -3,9 +3,11 @@
 Load path (`load_model`):
   config.json --AutoConfig--> HF config object --registry[model_type]--> our class, built on the
   meta device (no memory, no random init) --> each weight file opened in turn with
-  `safetensors.safe_open`, keys mapped with `spec.hf_to_ours`, every tensor cast to `dtype` and
+  `safetensors.safe_open`, keys mapped by `spec.hf_reader(config)`, every tensor cast to `dtype` and
   *assigned* as the parameter (`load_state_dict(assign=True)`). Only one shard is in memory besides
-  the parameters already placed, so a model never sits twice in memory.
+  the parameters already placed, so a model never sits twice in memory. MoE families: per-expert
+  hub weights are stacked into our fused [E, ...] tensors as each layer's experts complete (they may
+  span shards; veomni/models/moe_weights.py), and saving splits them back.
   Afterwards: tied heads are re-tied (assign replaces Parameter objects, which silently unties
   `lm_head.weight` from `embed_tokens.weight`), and the non-persistent RoPE buffer is recomputed
   (a meta buffer has no data and no checkpoint carries it).
@@ -211,10 +213,12 @@ def load_model(path, dtype=None, attn_impl: str = "sdpa", device="cpu", gguf_fil
     kind, files = _weight_files(root)
     spec, model = _meta_model(config, attn_impl)
     expected, loaded = _expected_keys(model), set()
+    reader = spec.hf_reader(config)  # per-expert hub weights are fused as their shards arrive
     for file in files:
-        sd = spec.hf_to_ours(_read_shard(file, kind))
+        sd = reader(_read_shard(file, kind))
         _assign_shard(model, sd, expected, device, dtype, file, loaded)
         del sd
+    reader.finish()
     return _finish_load(model, device, dtype, loaded, root)
 
 
@@ -231,7 +235,9 @@ def _load_gguf(path, gguf_file, dtype, attn_impl, device, config_overrides):
     device = torch.device(device)
     spec, model = _meta_model(config, attn_impl)
     expected, loaded = _expected_keys(model), set()
-    sd = spec.hf_to_ours(dict(hf_model.state_dict()))
+    reader = spec.hf_reader(config)
+    sd = reader(dict(hf_model.state_dict()))
+    reader.finish()
     del hf_model
     _assign_shard(model, sd, expected, device, dtype, Path(path) / gguf_file, loaded)
     return _finish_load(model, device, dtype, loaded, Path(path) / gguf_file)
@@ -354,7 +360,7 @@ def save_model(model, path, tokenizer=None, max_shard_size: Union[int, str] = "2
                 f"{tokenizer.mask_token_id}: run ensure_mask_token(model, tokenizer) before saving."
             )
 
-    sd = spec.ours_to_hf(_state_dict_for_save(model))
+    sd = spec.hf_writer(_state_dict_for_save(model))  # MoE: fused experts -> one weight per expert
     groups = _shard_groups(sd, parse_size(max_shard_size), dtype)
     _remove_stale_weights(root)
     names = ([SAFE_SINGLE] if len(groups) == 1

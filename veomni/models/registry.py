@@ -25,6 +25,23 @@ class ModelSpec:
     flops_fn: Callable = None  # (config, seq_lens, head_tokens, attn_mode, backward) -> FLOPs
     hf_to_ours: Callable[[Dict], Dict] = _identity_keys
     ours_to_hf: Callable[[Dict], Dict] = _identity_keys
+    fused_experts: bool = False  # hub checkpoints store experts one by one (veomni/models/moe_weights.py)
+
+    def hf_reader(self, config) -> "_Reader":
+        """A converter for one checkpoint load: call it on each shard, then `.finish()`."""
+        if self.fused_experts:
+            from veomni.models.moe_weights import ExpertMerger
+
+            return _Reader(self.hf_to_ours, ExpertMerger(config.num_experts))
+        return _Reader(self.hf_to_ours)
+
+    def hf_writer(self, state_dict: Dict) -> Dict:
+        """Our state dict -> the hub's names and layout."""
+        if self.fused_experts:
+            from veomni.models.moe_weights import split_experts
+
+            state_dict = split_experts(state_dict)
+        return self.ours_to_hf(state_dict)
 
     @property
     def model_class(self):
@@ -35,6 +52,19 @@ class ModelSpec:
         import transformers
 
         return getattr(transformers, self.config_class_name)
+
+
+class _Reader:
+    def __init__(self, keys: Callable[[Dict], Dict], merger=None):
+        self.keys, self.merger = keys, merger
+
+    def __call__(self, state_dict: Dict) -> Dict:
+        state_dict = self.keys(state_dict)
+        return state_dict if self.merger is None else self.merger(state_dict)
+
+    def finish(self) -> None:
+        if self.merger is not None:
+            self.merger.finish()
 
 
 def _dense_flops(*args, **kwargs):
@@ -48,6 +78,11 @@ MODEL_REGISTRY: Dict[str, ModelSpec] = {
     "llama": ModelSpec("llama", f"{_BASE}.llama.modeling_llama", "LlamaForCausalLM", "LlamaConfig", _dense_flops),
     "qwen2": ModelSpec("qwen2", f"{_BASE}.qwen2.modeling_qwen2", "Qwen2ForCausalLM", "Qwen2Config", _dense_flops),
     "qwen3": ModelSpec("qwen3", f"{_BASE}.qwen3.modeling_qwen3", "Qwen3ForCausalLM", "Qwen3Config", _dense_flops),
+    # MoE: the FLOPs count only active parameters (router + top-k experts), see flops.py.
+    "qwen3_moe": ModelSpec("qwen3_moe", f"{_BASE}.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeForCausalLM",
+                           "Qwen3MoeConfig", _dense_flops, fused_experts=True),
+    "qwen2_moe": ModelSpec("qwen2_moe", f"{_BASE}.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeForCausalLM",
+                           "Qwen2MoeConfig", _dense_flops, fused_experts=True),
 }
 
 

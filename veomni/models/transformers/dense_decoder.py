@@ -32,6 +32,7 @@ class CausalLMOutput:
     loss: Optional[torch.Tensor] = None
     hidden_states: Optional[torch.Tensor] = None
     past_key_values: Optional[KVCache] = None
+    router_stats: Optional[list] = None  # MoE families: one RouterStats per sparse layer
 
     def __getitem__(self, key):  # HF-style `out["logits"]`
         return getattr(self, key)
@@ -120,16 +121,20 @@ def apply_rope(q, k, cos, sin):
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
+def activation(config) -> Callable:
+    if config.hidden_act not in _ACTS:
+        raise NotImplementedError(f"hidden_act={config.hidden_act!r} not supported: {sorted(_ACTS)}")
+    return _ACTS[config.hidden_act]
+
+
 class MLP(nn.Module):
-    def __init__(self, config, bias: bool = False):
+    def __init__(self, config, bias: bool = False, intermediate_size: Optional[int] = None):
         super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
+        h, i = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
-        if config.hidden_act not in _ACTS:
-            raise NotImplementedError(f"hidden_act={config.hidden_act!r} not supported: {sorted(_ACTS)}")
-        self.act = _ACTS[config.hidden_act]
+        self.act = activation(config)
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -169,28 +174,41 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x)). The mixer is attention; the MLP
+    is dense (`MLP`) or sparse (`moe.SparseMoeBlock`, which also returns its RouterStats)."""
+
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool, mlp: nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer_idx, qkv_bias, o_bias, qk_norm)
-        self.mlp = MLP(config, bias=getattr(config, "mlp_bias", False))
+        self.mlp = mlp
+        self.sparse = hasattr(mlp, "gate") and hasattr(mlp, "experts")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, meta, impl, cache, cache_position):
+    def forward(self, x, cos, sin, meta, impl, cache, cache_position, token_valid=None):
+        """Returns (x, RouterStats or None)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, impl, cache, cache_position)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.sparse:
+            h, stats = self.mlp(self.post_attention_layernorm(x), token_valid)
+            return x + h, stats
+        return x + self.mlp(self.post_attention_layernorm(x)), None
 
 
 class DecoderModel(nn.Module):
     """Embeddings -> N decoder layers -> final norm. Returns normed hidden states [B, S, H]."""
 
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 build_mlp: Optional[Callable[[object, int], nn.Module]] = None):
         super().__init__()
         self.config = config
         self.padding_idx = getattr(config, "pad_token_id", None)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if build_mlp is None:
+            def build_mlp(cfg, i):
+                return MLP(cfg, bias=getattr(cfg, "mlp_bias", False))
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, qkv_bias, o_bias, qk_norm) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, qkv_bias, o_bias, qk_norm, build_mlp(config, i))
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -198,7 +216,8 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, segment_ids=None,
                 attn_mode="causal", block_size=None, attn_impl="sdpa", past_key_values=None,
-                cache_position=None, inputs_embeds=None):
+                cache_position=None, inputs_embeds=None, router_stats: Optional[list] = None):
+        """router_stats: a list that MoE layers append their RouterStats to (None = discard)."""
         check_attention(attn_mode, attn_impl, block_size)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         bsz, slen = x.shape[:2]
@@ -212,6 +231,9 @@ class DecoderModel(nn.Module):
             raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache.")
 
         valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        token_valid = valid if valid is None or valid.shape[1] == slen else valid[:, cache_position]
+        if segment_ids is not None:  # packed rows: segment 0 is padding
+            token_valid = segment_ids > 0 if token_valid is None else token_valid & (segment_ids > 0)
         if past_key_values is not None:
             # attention_mask covers either the new tokens only ([B, Sq]) or the whole row ([B, L]).
             if valid is None:
@@ -231,7 +253,9 @@ class DecoderModel(nn.Module):
         )
         cos, sin = self.rotary_emb(x, position_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, meta, attn_impl, past_key_values, cache_position)
+            x, stats = layer(x, cos, sin, meta, attn_impl, past_key_values, cache_position, token_valid)
+            if stats is not None and router_stats is not None:
+                router_stats.append(stats)
         return self.norm(x)
 
 
@@ -254,11 +278,15 @@ class DecoderForCausalLM(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = bias if self.qkv_bias is None else self.qkv_bias
         o_bias = bias if self.o_bias is None else self.o_bias
-        self.model = DecoderModel(config, qkv_bias, o_bias, self.qk_norm)
+        self.model = DecoderModel(config, qkv_bias, o_bias, self.qk_norm, self.build_mlp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.attn_impl = attn_impl
         check_attention("causal", attn_impl)
         self.tie_weights()
+
+    def build_mlp(self, config, layer_idx: int) -> nn.Module:
+        """The MLP of layer `layer_idx`: dense here; MoE families return a SparseMoeBlock."""
+        return MLP(config, bias=getattr(config, "mlp_bias", False))
 
     # ---- HF-like conveniences -------------------------------------------------------------
     @property
@@ -303,6 +331,9 @@ class DecoderForCausalLM(nn.Module):
                 m.weight.normal_(0.0, std)
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
+            for name, p in m.named_parameters(recurse=False):  # fused experts, router weights
+                if p.dim() >= 2 and not isinstance(m, (nn.Linear, nn.Embedding)):
+                    p.normal_(0.0, std)
         self.model.rotary_emb.inv_freq.copy_(rope_inv_freq(self.config, self.model.rotary_emb.inv_freq.numel() * 2))
 
     def resolve_attn_mode(self, attn_mode: Optional[str], block_size: Optional[int]):
@@ -337,17 +368,20 @@ class DecoderForCausalLM(nn.Module):
         attn_mode, block_size = self.resolve_attn_mode(attn_mode, block_size)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
+        stats = []
         hidden = self.model(
             input_ids, attention_mask=attention_mask, position_ids=position_ids,
             segment_ids=segment_ids, attn_mode=attn_mode, block_size=block_size,
             attn_impl=self.attn_impl, past_key_values=past_key_values,
-            cache_position=cache_position, inputs_embeds=inputs_embeds,
+            cache_position=cache_position, inputs_embeds=inputs_embeds, router_stats=stats,
         )
+        stats = stats or None
         if loss_fn is not None:
             return CausalLMOutput(loss=loss_fn(hidden, self.lm_head.weight), hidden_states=hidden,
-                                  past_key_values=past_key_values)
+                                  past_key_values=past_key_values, router_stats=stats)
         h = hidden if logits_to_keep is None else hidden[:, logits_to_keep]
-        return CausalLMOutput(logits=self.lm_head(h), hidden_states=hidden, past_key_values=past_key_values)
+        return CausalLMOutput(logits=self.lm_head(h), hidden_states=hidden, past_key_values=past_key_values,
+                              router_stats=stats)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         seen, total = set(), 0

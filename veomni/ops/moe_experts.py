@@ -1,0 +1,137 @@
+"""Expert compute of a mixture-of-experts block: the reference loop and the grouped path.
+
+Weights use the fused layout (the one transformers v5 keeps in memory):
+    gate_up [E, 2I, H]  (gate rows first, then up rows)     down [E, H, I]
+and expert e computes  down[e] @ (act(gate) * up),  [gate; up] = gate_up[e] @ x.
+
+Two implementations, chosen by one switch (`model.ops.moe_experts`, see veomni/ops/registry.py):
+
+  loop     the reference: for each expert, gather its tokens, run its SwiGLU, add the weighted
+           result back. Token order inside an expert follows transformers' Qwen3MoeExperts
+           (top-k slot first, then token), so the sums round the same way.
+  grouped  sort the (token, slot) pairs by expert once, run all experts as two grouped matmuls
+           (`torch._grouped_mm`, one kernel each), weight, and scatter back. No per-expert Python
+           work and no host sync per expert.
+
+`expert_ffn(x_sorted, counts, ...)` is the piece expert parallelism reuses: tokens already sorted
+by (local) expert, `counts[e]` rows per expert, the result in the same order.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+EXPERT_IMPLS = ("loop", "grouped")
+
+
+def check_experts_impl(impl: str) -> str:
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"model.ops.moe_experts={impl!r} is not one of {EXPERT_IMPLS} "
+                         "(loop: the reference; grouped: sorted tokens + grouped matmuls)")
+    return impl
+
+
+class _GroupedMM(torch.autograd.Function):
+    """y[rows of group g] = x[rows of group g] @ b[g], with offs = cumulative rows per group.
+
+    torch._grouped_mm has no CPU backward (it fails with "Invalid strides/sizes"), so both
+    gradients are written as grouped matmuls themselves: dx = g @ b[g]^T, db[g] = x_g^T @ g_g."""
+
+    @staticmethod
+    def forward(ctx, x, b, offs):
+        ctx.save_for_backward(x, b, offs)
+        return torch._grouped_mm(x, b, offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, b, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = torch._grouped_mm(grad, b.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
+        db = torch._grouped_mm(x.t(), grad, offs=offs) if ctx.needs_input_grad[1] else None
+        return dx, db, None
+
+
+def _aligned(n: int, element_size: int) -> int:
+    step = max(1, 16 // element_size)
+    return -(-n // step) * step
+
+
+def grouped_mm(x: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [N, K] sorted by group, b [G, K, M], counts [G] rows per group -> [N, M]."""
+    offs = torch.cumsum(counts, 0).to(device=x.device, dtype=torch.int32)
+    # torch._grouped_mm wants 16-byte row strides ("strides should be multiple of 16 bytes" for,
+    # e.g., fp32 moe_intermediate_size=19): zero-pad K and M up to the next multiple, which leaves
+    # the product exact, and cut the padding off the result.
+    k, m = b.shape[-2], b.shape[-1]
+    kp, mp = _aligned(k, x.element_size()), _aligned(m, x.element_size())
+    if kp != k:
+        x, b = F.pad(x, (0, kp - k)), F.pad(b, (0, 0, 0, kp - k))
+    if mp != m:
+        b = F.pad(b, (0, mp - m))
+    try:
+        if x.is_cuda:  # CUDA has a native backward for _grouped_mm
+            y = torch._grouped_mm(x, b, offs=offs)
+        else:
+            y = _GroupedMM.apply(x, b, offs)
+        return y if mp == m else y[:, :m]
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"model.ops.moe_experts=grouped: torch._grouped_mm failed for {x.dtype} on {x.device} ({exc}). "
+            "Use a dtype/device it supports (bf16 on Hopper; any float on CPU) or set "
+            "--model.ops.moe_experts=loop.") from exc
+
+
+def _swiglu(h: torch.Tensor, act: Callable) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+               act: Callable, impl: str) -> torch.Tensor:
+    """SwiGLU of every expert over its contiguous rows of `x_sorted` ([N, H] -> [N, H])."""
+    if x_sorted.shape[0] == 0:
+        # An expert-parallel rank can receive no token. Still connect the input and the weights to
+        # the output, so backward gives them (zero) gradients and every rank joins the same
+        # gradient collectives; a missing grad would leave FSDP's reduce-scatter waiting.
+        return x_sorted * 0.0 + 0.0 * (gate_up.sum() + down.sum())
+    if impl == "grouped":
+        h = grouped_mm(x_sorted, gate_up.transpose(-2, -1), counts)
+        return grouped_mm(_swiglu(h, act), down.transpose(-2, -1), counts)
+    outs = []
+    for e, rows in enumerate(x_sorted.split(counts.tolist())):
+        if rows.shape[0]:
+            outs.append(F.linear(_swiglu(F.linear(rows, gate_up[e]), act), down[e]))
+    return torch.cat(outs)
+
+
+def sort_by_expert(top_idx: torch.Tensor, num_experts: int):
+    """(token index of each sorted pair, the pair order, rows per expert) for top_idx [T, k]."""
+    flat = top_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order // top_idx.shape[1], order, counts
+
+
+def experts_loop(x, top_idx, top_w, gate_up, down, act) -> torch.Tensor:
+    """The reference: transformers' per-expert loop (x [T, H], top_idx/top_w [T, k])."""
+    out = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        slot, tok = torch.where((top_idx == e).t())  # slot-major, as HF's expert_mask[e]
+        if tok.numel() == 0:
+            continue
+        y = F.linear(_swiglu(F.linear(x[tok], gate_up[e]), act), down[e]) * top_w[tok, slot, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out
+
+
+def experts_grouped(x, top_idx, top_w, gate_up, down, act) -> torch.Tensor:
+    """Sort once, two grouped matmuls, weighted scatter back (x [T, H], top_idx/top_w [T, k])."""
+    tok, order, counts = sort_by_expert(top_idx, gate_up.shape[0])
+    y = expert_ffn(x[tok], counts, gate_up, down, act, "grouped")
+    y = y * top_w.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, tok, y.to(x.dtype))
+
+
+EXPERT_FORWARD = {"loop": experts_loop, "grouped": experts_grouped}
