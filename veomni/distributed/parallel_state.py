@@ -9,8 +9,14 @@
 Mesh layout (docs/parallelism.md): dims ``("dp_replicate", "dp_shard")``, sizes
 ``(dp_replicate, world_size // dp_replicate)``; the flattened ``"dp"`` submesh spans both and is
 what data loading and loss reductions use. FSDP2 shards over ``dp_shard`` (HSDP when
-``dp_replicate > 1``); DDP replicates over all ranks, laid out as ``(world_size, 1)``. Sequence and
-expert parallel dims go here later; nothing else should build meshes or process groups.
+``dp_replicate > 1``); DDP replicates over all ranks, laid out as ``(world_size, 1)``. Nothing
+else should build meshes or process groups.
+
+Expert parallelism (``ep_size > 1``, FSDP2 only) adds a second mesh over the same ranks,
+``("ep_fsdp", "ep")`` with sizes ``(world_size // ep_size, ep_size)`` (VeOmni's shape): experts
+are split over ``ep`` (consecutive ranks, so an EP group stays inside a node) and FSDP-sharded
+over ``ep_fsdp``; everything else is still sharded over all ranks. Data parallelism is unchanged:
+every rank reads its own rows.
 
 Single process without torchrun (no WORLD_SIZE in the environment): world size 1.
 ``dp_mode="none"`` creates no process group at all (collectives are the identity).
@@ -57,6 +63,24 @@ def _launch_env() -> Dict[str, int]:
         raise ValueError(f"inconsistent launch environment RANK={rank}, WORLD_SIZE={world}: "
                          "expected 0 <= RANK < WORLD_SIZE (torchrun sets both).")
     return {"rank": rank, "world_size": world, "local_rank": rank if local is None else local}
+
+
+def ep_layout(dp_mode: str, world_size: int, ep_size: int, dp_replicate: int = 1) -> Dict[str, int]:
+    """Sizes of the expert-parallel mesh ("ep_fsdp", "ep"), or a ValueError naming what to change."""
+    if not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"train.expert_parallel_size must be an int >= 1, got {ep_size!r}")
+    if ep_size == 1:
+        return {"ep_fsdp": world_size, "ep": 1}
+    if dp_mode != "fsdp2":
+        raise ValueError(f"train.expert_parallel_size={ep_size} needs train.data_parallel=fsdp2 (experts are "
+                         f"FSDP-sharded over the ep_fsdp mesh); data_parallel is {dp_mode!r}.")
+    if dp_replicate != 1:
+        raise ValueError(f"train.expert_parallel_size={ep_size} with train.dp_replicate={dp_replicate} (HSDP) "
+                         "is not supported; use dp_replicate=1.")
+    if world_size % ep_size != 0:
+        raise ValueError(f"train.expert_parallel_size={ep_size} does not divide the world size {world_size}; "
+                         "choose an EP size that divides the number of processes.")
+    return {"ep_fsdp": world_size // ep_size, "ep": ep_size}
 
 
 def mesh_layout(dp_mode: str, world_size: int, dp_replicate: int = 1) -> Dict[str, int]:
@@ -120,7 +144,8 @@ class ParallelState:
     """The job's ranks, device and mesh. Build it with `init_parallel_state`, not directly."""
 
     def __init__(self, dp_mode: str, rank: int, world_size: int, local_rank: int, device: torch.device,
-                 backend: Optional[str], layout: Dict[str, int], mesh, owns_group: bool):
+                 backend: Optional[str], layout: Dict[str, int], mesh, owns_group: bool,
+                 ep_mesh=None):
         self.dp_mode = dp_mode
         self.rank = rank
         self.world_size = world_size
@@ -130,19 +155,23 @@ class ParallelState:
         self.layout = dict(layout)
         self.mesh = mesh  # DeviceMesh over ("dp_replicate", "dp_shard"); None for dp_mode='none'
         self._owns_group = owns_group
+        self.ep_mesh = ep_mesh  # DeviceMesh over ("ep_fsdp", "ep"); None without expert parallelism
         self._submeshes: Dict[str, Any] = {}
+        if ep_mesh is not None:
+            self._submeshes.update(ep=ep_mesh["ep"], ep_fsdp=ep_mesh["ep_fsdp"])
         if mesh is not None:
             # Keep the flattened mesh ourselves: slicing a flattened dim from the root mesh is
             # deprecated in torch (UserWarning "Slicing a flattened dim ... will be deprecated").
-            self._submeshes = {
+            self._submeshes.update({
                 "dp_replicate": mesh["dp_replicate"],
                 "dp_shard": mesh["dp_shard"],
                 "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
-            }
+            })
 
     def __repr__(self) -> str:
+        ep = f", ep_size={self.ep_size}" if self.ep_mesh is not None else ""
         return (f"ParallelState(dp_mode={self.dp_mode!r}, rank={self.rank}, world_size={self.world_size}, "
-                f"layout={self.layout}, device={self.device}, backend={self.backend})")
+                f"layout={self.layout}{ep}, device={self.device}, backend={self.backend})")
 
     # ---- sizes ------------------------------------------------------------------------------
     @property
@@ -154,6 +183,14 @@ class ParallelState:
         return 0 if self.mesh is None else self._submeshes["dp"].get_local_rank()
 
     @property
+    def ep_size(self) -> int:
+        return 1 if self.ep_mesh is None else self.ep_mesh["ep"].size()
+
+    @property
+    def ep_rank(self) -> int:
+        return 0 if self.ep_mesh is None else self.ep_mesh["ep"].get_local_rank()
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -163,7 +200,8 @@ class ParallelState:
         return self.mesh is not None
 
     def submesh(self, name: str):
-        """The named 1-D (or flattened) submesh: 'dp', 'dp_shard' or 'dp_replicate'."""
+        """The named 1-D (or flattened) submesh: 'dp', 'dp_shard', 'dp_replicate'; with expert
+        parallelism also 'ep' and 'ep_fsdp'."""
         if self.mesh is None:
             raise RuntimeError(f"dp_mode='none' has no device mesh (asked for submesh {name!r}).")
         if name not in self._submeshes:
@@ -230,6 +268,7 @@ class ParallelState:
             dist.destroy_process_group()
         self._owns_group = False
         self.mesh = None
+        self.ep_mesh = None
         self._submeshes = {}
         if _STATE is self:
             _STATE = None
@@ -237,7 +276,7 @@ class ParallelState:
 
 def init_parallel_state(dp_mode: str = "fsdp2", dp_replicate: int = 1, backend: Optional[str] = None,
                         device_type: Optional[str] = None,
-                        timeout: Optional[datetime.timedelta] = None) -> ParallelState:
+                        timeout: Optional[datetime.timedelta] = None, ep_size: int = 1) -> ParallelState:
     """Create the process group (when needed), the device mesh and the global ParallelState.
 
     dp_mode: 'fsdp2' (shard params/grads/optimizer over dp_shard; HSDP with dp_replicate > 1),
@@ -245,6 +284,7 @@ def init_parallel_state(dp_mode: str = "fsdp2", dp_replicate: int = 1, backend: 
     backend: None chooses by device (nccl on CUDA, gloo on CPU) and logs the choice.
     device_type: None chooses cuda when available, else cpu.
     timeout: collective timeout (None = torch's default); tests pass a short one to fail fast.
+    ep_size: expert-parallel size (train.expert_parallel_size); > 1 builds the ("ep_fsdp", "ep") mesh.
     An already-initialised default process group is reused (and left alone by `destroy`).
     """
     global _STATE
@@ -253,10 +293,11 @@ def init_parallel_state(dp_mode: str = "fsdp2", dp_replicate: int = 1, backend: 
                            "get_parallel_state() to reuse it, or .destroy() it first.")
     env = _launch_env()
     layout = mesh_layout(dp_mode, env["world_size"], dp_replicate)
+    ep = ep_layout(dp_mode, env["world_size"], ep_size, dp_replicate)
     device = _pick_device(device_type, env["local_rank"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    mesh, owns, chosen = None, False, None
+    mesh, owns, chosen, ep_mesh = None, False, None, None
     if dp_mode != "none":
         chosen = _pick_backend(backend, device)
         kwargs = {} if timeout is None else {"timeout": timeout}
@@ -275,10 +316,14 @@ def init_parallel_state(dp_mode: str = "fsdp2", dp_replicate: int = 1, backend: 
 
         mesh = init_device_mesh(device.type, (layout["dp_replicate"], layout["dp_shard"]),
                                 mesh_dim_names=("dp_replicate", "dp_shard"))
+        if ep["ep"] > 1:
+            # Its own root mesh: FSDP2 needs the experts' EP mesh (their DTensor placement) and the
+            # ep_fsdp mesh it shards them over to share one parent.
+            ep_mesh = init_device_mesh(device.type, (ep["ep_fsdp"], ep["ep"]), mesh_dim_names=("ep_fsdp", "ep"))
     elif backend is not None:
         raise ValueError(f"backend={backend!r} was given but dp_mode='none' creates no process group.")
     state = ParallelState(dp_mode, env["rank"], env["world_size"], env["local_rank"], device, chosen,
-                          layout, mesh, owns)
+                          layout, mesh, owns, ep_mesh=ep_mesh)
     if state.is_main:
         how = "given" if backend is not None else f"chosen for device type {device.type!r}"
         logger.info("parallel state: %r (backend %s)", state, how if chosen else "none: no process group")

@@ -3,9 +3,12 @@
 The model code (veomni/models/transformers/dense_decoder.py) knows nothing about ranks. This file
 wraps it in a fixed order, the one torchtitan's `parallelize_<model>` uses:
 
-    1. activation checkpointing  (each decoder block, so the wrapper sits inside the FSDP unit)
-    2. (torch.compile: not applied yet)
-    3. data parallel             (FSDP2: each block, then the root; or DDP around the whole model)
+    1. expert parallelism        (ep_size > 1: experts split over the ep mesh, all-to-all dispatch;
+                                  veomni/distributed/expert_parallel.py)
+    2. activation checkpointing  (each decoder block, so the wrapper sits inside the FSDP unit)
+    3. (torch.compile: not applied yet)
+    4. data parallel             (FSDP2: each Experts module over ep_fsdp under EP, each block,
+                                  then the root; or DDP around the whole model)
 
 Gradient contract: both FSDP2 and DDP AVERAGE gradients over the dp ranks. See
 `loss_scale_for_grad_averaging` in parallel_state.py and docs/parallelism.md.
@@ -112,6 +115,14 @@ def apply_fsdp2(model: nn.Module, ps: ParallelState, mixed_precision: str) -> No
         mp = MixedPrecisionPolicy()  # no casting
     mesh = ps.fsdp_mesh()
     for block in _decoder_blocks(model):
+        if ps.ep_size > 1:
+            from .expert_parallel import expert_modules
+
+            for experts in expert_modules(block):
+                # Experts are DTensors on the ep mesh; FSDP shards them further over ep_fsdp (a
+                # dimension of the same parent mesh) and leaves them out of the block's unit.
+                # Their gradient scale: expert_parallel.py, "Gradient scale".
+                fully_shard(experts, mesh=ps.submesh("ep_fsdp"), mp_policy=mp)
         # One FSDP unit per block: one all-gather/reduce-scatter each, freed after forward.
         fully_shard(block, mesh=mesh, mp_policy=mp)
     # Root unit = everything left: embeddings, final norm, lm_head (a tied head is the same
@@ -145,12 +156,19 @@ def parallelize(model: nn.Module, parallel_state: ParallelState,
                          f"dp_mode={parallel_state.dp_mode!r}; build both from the same setting.")
     if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "unshard"):
         raise ValueError("parallelize() got a model that is already wrapped (DDP/FSDP); call it once.")
-    # 1. activation checkpointing, innermost so each FSDP unit contains one checkpointed block.
+    # 1. expert parallelism (before FSDP: it shards the EP-local experts).
+    if parallel_state.ep_size > 1:
+        from .expert_parallel import apply_expert_parallel
+
+        if cfg.check_replicas and parallel_state.world_size > 1:
+            _check_same_weights(model, parallel_state)  # before each rank drops the others' experts
+        apply_expert_parallel(model, parallel_state)
+    # 2. activation checkpointing, innermost so each FSDP unit contains one checkpointed block.
     if cfg.gradient_checkpointing:
         apply_activation_checkpointing(model)
-    # 2. data parallelism.
+    # 4. data parallelism.
     if mode == "fsdp2":
-        if cfg.check_replicas and parallel_state.world_size > 1:
+        if cfg.check_replicas and parallel_state.world_size > 1 and parallel_state.ep_size == 1:
             _check_same_weights(model, parallel_state)
         apply_fsdp2(model, parallel_state, cfg.mixed_precision)  # moves shards to ps.device
         return model
@@ -206,11 +224,25 @@ def clip_grad_norm_(model: nn.Module, max_norm: Optional[float], norm_type: floa
     params = [p for p in unwrap_model(model).parameters() if p.grad is not None]
     if not params:
         return 0.0
-    grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
-    if hasattr(total, "full_tensor"):  # DTensor (FSDP2): a Partial norm until materialised
-        total = total.full_tensor()
+    # DTensor norms only combine within one mesh: under expert parallelism the experts live on the
+    # ("ep_fsdp", "ep") mesh and the rest on the dp mesh ("All operands ... must have the same
+    # mesh"). Take each mesh's norm, then combine the plain numbers.
+    by_mesh = {}
+    for p in params:
+        by_mesh.setdefault(id(getattr(p.grad, "device_mesh", None)), []).append(p)
+    norms = []
+    for group in by_mesh.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=norm_type)
+        if hasattr(n, "full_tensor"):  # DTensor (FSDP2): a Partial norm until materialised
+            n = n.full_tensor()
+        norms.append(n.float())
+    if len(norms) == 1:
+        total = norms[0]
+    else:
+        norms = torch.stack([n.to(norms[0].device) for n in norms])
+        total = norms.max() if norm_type == float("inf") else norms.pow(norm_type).sum().pow(1.0 / norm_type)
     value = float(total)
     if max_norm and value == value and value != float("inf"):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return value
