@@ -285,6 +285,10 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _is_dict(tp: Any) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
 def _group_type(tp: Any) -> type | None:
     """The dataclass a field holds (also through Optional), else None."""
     inner, _ = _strip_optional(tp)
@@ -327,9 +331,15 @@ def _unknown_key(cls: type, key: str, path: str, source: str, ctx: _Context) -> 
 def resolve_path(root_cls: type, dotted: str, source: str, ctx: _Context) -> Any:
     """Check that ``dotted`` names a field under ``root_cls``; return that field's type."""
     cls, path, tp = root_cls, "", None
-    for key in dotted.split("."):
+    keys = dotted.split(".")
+    for i, key in enumerate(keys):
         if cls is None:
-            fix = f"; set it whole: --{path}='{{{key}: ...}}'" if typing.get_origin(_strip_optional(tp)[0]) is dict else ""
+            is_dict = _is_dict(_strip_optional(tp)[0])
+            if is_dict and i == len(keys) - 1:
+                # One entry of a mapping field (--model.ops.moe_experts=loop): _set_path writes it
+                # into the mapping the YAML gave, whose other entries stay.
+                return (typing.get_args(_strip_optional(tp)[0]) or (Any, Any))[1]
+            fix = f"; set it whole: --{path}='{{{'.'.join(keys[i:])}: ...}}'" if is_dict else ""
             raise ConfigError(f"'{dotted}' from {source} goes inside '{path}', which is a "
                               f"{type_name(tp)} value, not a group{fix}")
         names = {f.name: f for f in dataclasses.fields(cls)}
@@ -399,8 +409,13 @@ def _set_path(tree: dict, dotted: str, value: Any, ctx: _Context) -> None:
         path = _join(path, key)
         if node.get(key) is None:
             node[key] = {}
-        elif not isinstance(node[key], dict):
-            raise ConfigError(f"'{path}' from {ctx.source(path)} must be a mapping (it is a group), "
+        elif isinstance(node[key], _Raw):  # --m.ops='{a: x}' then --m.ops.b=y: an entry of that mapping
+            try:
+                node[key] = yaml.safe_load(node[key].text)
+            except yaml.YAMLError:
+                pass
+        if not isinstance(node[key], dict):
+            raise ConfigError(f"'{path}' from {ctx.source(path)} must be a mapping (a group or a mapping field), "
                               f"got {_short(node[key])}")
         node = node[key]
     old = node.get(keys[-1])

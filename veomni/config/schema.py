@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from veomni.ops.registry import default_ops, ops_help, resolve_ops
+
 from .parser import ConfigError, cfg_field
 
 AttnImpl = Literal["sdpa", "eager", "flex", "flash_attention_2"]
@@ -59,11 +61,21 @@ class ModelArgs:
     gradient_checkpointing: bool = cfg_field(False, help="Recompute activations in backward to save memory.")
     init_from_scratch: bool = cfg_field(False, help="Random-initialise the model from model_path's "
                                                     "config instead of loading its weights (pretraining).")
+    ops: dict[str, str] = cfg_field(default_ops(), help=ops_help())
 
     def __post_init__(self) -> None:
         self._derive_tokenizer_path()
         self._check_attention()
+        self._resolve_ops()
         _check(self.mask_token != "", "model.mask_token must not be empty")
+
+    def _resolve_ops(self) -> None:
+        # Every known op gets its choice written out (defaults filled in), so resolved_config.yaml
+        # says which implementation ran even when the YAML named none.
+        try:
+            self.ops = resolve_ops(self.ops)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def _derive_tokenizer_path(self) -> None:
         if self.tokenizer_path is None:
@@ -173,6 +185,17 @@ class TrainArgs:
                                               "(memory O(chunk x vocab)).")
     progress_bar: bool = cfg_field(True, help="Show a progress bar with tok/s and ETA (main rank).")
     dp_replicate: int = cfg_field(1, help="HSDP: replicate groups (dp_shard = world / dp_replicate).")
+    expert_parallel_size: int = cfg_field(
+        1, help="Expert parallelism: the experts of each MoE layer are split over this many ranks "
+                "(tokens travel to their experts by all-to-all); 1 = every rank holds every expert. "
+                "Must divide the world size and the number of experts (docs/parallelism.md).")
+    router_aux_loss_coef: Optional[float] = cfg_field(
+        None, help="MoE: weight of the router load-balancing loss (Switch Transformer's, pooled over "
+                   "layers) added to the training loss; none = the model config's router_aux_loss_coef "
+                   "(0 when it has none). An error on a dense model.")
+    router_z_loss_coef: float = cfg_field(
+        0.0, help="MoE: weight of the router z-loss (ST-MoE: mean logsumexp(router logits)^2); 0 = off. "
+                  "An error on a dense model when > 0.")
 
     def __post_init__(self) -> None:
         self._check_schedule()
@@ -182,6 +205,7 @@ class TrainArgs:
         _between("train.noise_eps", self.noise_eps, 0.0, 1.0, low_open=True, high_open=True)
         _at_least("train.log_steps", self.log_steps, 1)
         _at_least("train.eval_steps", self.eval_steps, 0)
+        self._check_moe()
         # Set by resolve_batch once the data-parallel size is known (not config fields).
         self._auto_global_batch = self.global_batch_size is None
         self._grad_accum_steps: Optional[int] = None
@@ -216,6 +240,11 @@ class TrainArgs:
                 except re.error as exc:
                     raise ConfigError(f"train.{key} pattern {pattern!r} is not a valid regex: {exc}") from None
         _at_least("train.max_consecutive_skips", self.max_consecutive_skips, 1)
+
+    def _check_moe(self) -> None:
+        _at_least("train.expert_parallel_size", self.expert_parallel_size, 1)
+        _at_least("train.router_aux_loss_coef", self.router_aux_loss_coef, 0.0)
+        _at_least("train.router_z_loss_coef", self.router_z_loss_coef, 0.0)
 
     def resolve_batch(self, dp_size: int) -> int:
         """Fix the batch geometry for ``dp_size`` data-parallel ranks; return grad_accum_steps.

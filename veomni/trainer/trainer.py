@@ -4,9 +4,11 @@ One step, in order (each numbered comment below matches):
   1. draw grad_accum micro-batches from the stateful loader;
   2. corrupt each with noise from a generator seeded by (seed, step, global micro-batch index), so
      a resumed run draws exactly the noise the uninterrupted one would have, on any world size;
-  3. count the loss tokens of all micro-batches on all ranks (one all-reduce) -> global denominator;
-  4. forward with the loss computed inside the model (head only at loss positions), backward
-     `share * dp_size` (DDP/FSDP average gradients over ranks; see docs/training.md);
+  3. count the loss tokens and the valid tokens of all micro-batches on all ranks (one all-reduce)
+     -> global denominators;
+  4. forward with the loss computed inside the model (head only at loss positions), plus for MoE
+     models the router losses' share (veomni/trainer/moe_terms.py), backward `share * dp_size`
+     (DDP/FSDP average gradients over ranks; see docs/training.md);
   5. clip and step; a step whose loss or gradient norm is not finite is skipped (the weights and
      the optimizer state stay as they were, the skip is logged and counted) and the run stops
      after train.max_consecutive_skips of them in a row; then the schedule;
@@ -37,6 +39,16 @@ from veomni.trainer.schedule import build_scheduler
 logger = logging.getLogger("veomni")
 
 
+def checkout_path(path):
+    """A relative path that does not exist from the working directory but does inside this checkout
+    (the tiny model configs under configs/models/) is taken from there, so the shipped configs run
+    from any directory. Anything else (absolute paths, hub ids, embedded names) is returned as is."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    inside = Path(__file__).resolve().parents[2] / path
+    return str(inside) if inside.exists() else path
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite steps, or non-finite weights about to be checkpointed."""
 
@@ -60,7 +72,8 @@ class Trainer:
         from veomni.distributed import init_parallel_state
 
         a = self.args
-        self.ps = init_parallel_state(dp_mode=a.train.data_parallel, dp_replicate=a.train.dp_replicate)
+        self.ps = init_parallel_state(dp_mode=a.train.data_parallel, dp_replicate=a.train.dp_replicate,
+                                      ep_size=a.train.expert_parallel_size)
         setup_console_logging(self.ps.rank)
         from veomni.trainer.run_guard import watch_launcher
 
@@ -71,6 +84,9 @@ class Trainer:
         torch.manual_seed(a.train.seed)  # model init (from scratch) is identical on every rank
 
         self.tokenizer, self.model = self._build_model()
+        from veomni.trainer.moe_terms import MoETerms
+
+        self.moe = MoETerms.build(a.train, self.model)  # None for dense models (refuses router coefs)
         self.mask_token_id = self.model.config.mask_token_id
         self._build_data()
         self._build_objective()
@@ -148,8 +164,8 @@ class Trainer:
         from veomni.models.mask_token import ensure_mask_token
 
         a = self.args
-        path = resolve_model_path(a.model.require_model_path())  # AutoConfig below needs a real path
-        tokenizer = load_tokenizer(a.model.tokenizer_path or path)  # load_tokenizer resolves embedded names
+        path = checkout_path(resolve_model_path(a.model.require_model_path()))  # AutoConfig needs a real path
+        tokenizer = load_tokenizer(checkout_path(a.model.tokenizer_path) or path)  # resolves embedded names
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.model.dtype]
         if a.model.init_from_scratch:
             from transformers import AutoConfig
@@ -168,6 +184,9 @@ class Trainer:
         model.config.dllm_logit_shift = a.train.logit_shift
         model.to(self.ps.device)
         self._apply_freeze(model)
+        from veomni.ops.registry import apply_ops
+
+        apply_ops(model, a.model.ops)  # before parallelism wraps it; logs the implementations
         return tokenizer, model
 
     def _apply_freeze(self, model) -> None:
@@ -303,9 +322,14 @@ class Trainer:
         corrs = [self.objective.prepare(mb, make_generator(a.train.seed, self.step, 0,
                                                            i * self.ps.dp_size + self.ps.dp_rank))
                  for i, mb in enumerate(micro)]  # 2.
-        local = torch.tensor(float(sum(self.objective.num_loss_tokens(c) for c in corrs)),
-                             device=self.ps.device)
-        global_denom = self.ps.all_reduce_sum(local).item()  # 3.
+        tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))  # valid (non-padding) tokens
+        # fp64: token counts of large global batches stay exact.
+        local = torch.tensor([float(sum(self.objective.num_loss_tokens(c) for c in corrs)), float(tokens)],
+                             dtype=torch.float64, device=self.ps.device)
+        global_denom, global_tokens = self.ps.all_reduce_sum(local).tolist()  # 3.
+        moe = self.moe
+        if moe is not None:
+            moe.start_step(global_tokens)  # the router losses are means over all valid tokens
 
         self.model.train()
         loss_sum = torch.zeros((), device=self.ps.device)
@@ -314,9 +338,18 @@ class Trainer:
             with sync, self._autocast():
                 out = self.model(**self.objective.model_inputs(mb, corr),
                                  loss_fn=self.objective.loss_fn(corr, global_denom))
-                (out.loss * self.ps.dp_size).backward()
-            loss_sum += out.loss.detach()
-        loss = self.ps.all_reduce_sum(loss_sum).item()
+                total = out.loss
+                if moe is not None:  # the router sees every valid token, masked and clean
+                    term = moe.add(out.router_stats)
+                    total = total if term is None else total + term
+                (total * self.ps.dp_size).backward()
+            loss_sum += out.loss.detach()  # `loss` stays the diffusion / CE loss, comparable with dense runs
+        moe_metrics = {}
+        if moe is None:
+            loss = self.ps.all_reduce_sum(loss_sum).item()
+        else:  # one all-reduce for the loss and the router sums
+            sums = self.ps.all_reduce_sum(torch.cat([loss_sum.reshape(1).float(), moe.local_sums()]))
+            loss, moe_metrics = sums[0].item(), moe.metrics(sums[1:])
         from veomni.distributed import clip_grad_norm_
 
         max_norm = a.train.max_grad_norm if a.train.max_grad_norm > 0 else float("inf")
@@ -338,11 +371,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))
-        self.tokens_seen += int(self.ps.all_reduce_sum(torch.tensor(float(tokens), device=self.ps.device)).item())
+        self.tokens_seen += int(global_tokens)
         flops = self._step_flops(micro, corrs)
         return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "flops": flops,
-                "skipped": int(skipped)}
+                "skipped": int(skipped), "moe": moe_metrics}
 
     def _step_flops(self, micro, corrs) -> float:
         from veomni.models.registry import get_spec
@@ -424,7 +456,7 @@ class Trainer:
                         "tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"],
                         "tokens_seen": self.tokens_seen, "epoch": self.loader.epoch,
                         "skipped": m["skipped"], "skipped_steps": self.skipped_steps,
-                        **memory_stats(self.ps.device)}
+                        **m["moe"], **memory_stats(self.ps.device)}
                 self.run_logger.log(last, self.step)
                 thr.reset()
                 if bar is not None:

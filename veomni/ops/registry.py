@@ -1,0 +1,99 @@
+"""The op switch: `model.ops` maps an op name to the implementation the model runs.
+
+    model:
+      ops: {moe_experts: loop}          # YAML
+    --model.ops.moe_experts=loop        # command line (one op; the others keep theirs)
+
+`OPS` lists every known op with its choices and default. The config resolves a mapping against it
+when it is built (`resolve_ops`: an unknown op or choice is an error naming the valid ones, a
+missing op gets its default), so resolved_config.yaml always names the implementation of every op.
+`apply_ops(model, ops)` installs the choices on a built model; the trainer calls it before
+parallelism wraps the model and logs what it chose.
+
+Adding an op (rms_norm, rope, swiglu, linear_ce, ...): one `OpSpec` below, whose `install`
+sets the choice on the modules that use the op and returns how many there are.
+
+No torch import at module level: the config schema imports this module, and parsing a config must
+stay cheap.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+logger = logging.getLogger("veomni")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    choices: Tuple[str, ...]
+    default: str
+    about: Dict[str, str]  # choice -> one line, for --help and error messages
+    install: Callable[[Any, str], int]  # (model, choice) -> number of modules that use the op
+
+
+def _install_moe_experts(model, choice: str) -> int:
+    from veomni.models.transformers.moe import Experts
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Experts):
+            # An instance attribute, not the class one: two models in one process (a test, a
+            # teacher) keep their own choice. It survives fully_shard / expert parallelism, which
+            # keep the module object.
+            m.impl = choice
+            n += 1
+    return n
+
+
+OPS: Dict[str, OpSpec] = {
+    # Choices must equal veomni.ops.moe_experts.EXPERT_IMPLS (tests/ops/test_ops_registry.py);
+    # listed here so that the config does not import torch.
+    "moe_experts": OpSpec(
+        choices=("grouped", "loop"), default="grouped",
+        about={"grouped": "tokens sorted by expert once, two grouped matmuls for all experts",
+               "loop": "the reference, transformers' loop: gather, SwiGLU and scatter-add per expert"},
+        install=_install_moe_experts),
+}
+
+
+def default_ops() -> Dict[str, str]:
+    return {name: spec.default for name, spec in OPS.items()}
+
+
+def ops_help() -> str:
+    parts = []
+    for name, spec in OPS.items():
+        choices = "; ".join(f"{c}: {spec.about[c]}" for c in spec.choices)
+        parts.append(f"{name} = {' | '.join(spec.choices)} (default {spec.default}; {choices})")
+    return ("Op implementations, op -> choice; unlisted ops keep their default. " + ". ".join(parts)
+            + ". One op from the command line: --model.ops.moe_experts=loop.")
+
+
+def resolve_ops(ops: Optional[Mapping[str, str]], where: str = "model.ops") -> Dict[str, str]:
+    """Every known op -> its choice (`ops` over the defaults). Raises ValueError naming the valid
+    ops / choices for an unknown op or choice."""
+    ops = dict(ops or {})
+    for name, choice in ops.items():
+        if name not in OPS:
+            close = difflib.get_close_matches(str(name), list(OPS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"{where} has no op '{name}'; known ops: {', '.join(OPS)}{hint}")
+        spec = OPS[name]
+        if choice not in spec.choices:
+            listed = ", ".join(f"'{c}' ({spec.about[c]})" for c in spec.choices)
+            raise ValueError(f"{where}.{name}={choice!r} is not one of {listed}")
+    return {name: ops.get(name, spec.default) for name, spec in OPS.items()}
+
+
+def apply_ops(model, ops: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    """Install the implementations on `model` (before DDP/FSDP/EP wrap it), log them, and return
+    the resolved {op: choice} of every known op."""
+    resolved = resolve_ops(ops)
+    used = {name: OPS[name].install(model, choice) for name, choice in resolved.items()}
+    logger.info("ops: %s", ", ".join(
+        f"{name}={choice} ({used[name]} modules)" if used[name] else f"{name}={choice} (unused by this model)"
+        for name, choice in resolved.items()))
+    return resolved
