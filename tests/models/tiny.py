@@ -75,3 +75,73 @@ def save_tiny_model(path, tokenizer, family: str = "llama", std: float = 0.3, se
         ensure_mask_token(model, tokenizer)
         model.config.dllm_attn_mode = attn_mode
     return save_model(model, Path(path), tokenizer=tokenizer)
+
+
+# ---- mixture of experts ------------------------------------------------------------------------
+
+def tiny_moe_config(family: str = "qwen3_moe", tied: bool = False, **overrides):
+    """A tiny Qwen3-MoE / Qwen2-MoE config: 3 layers, top-2 of 8 experts, GQA 6/2 heads.
+
+    moe_intermediate_size 20 is not a power of two but a multiple of 4: torch._grouped_mm (the
+    grouped expert path) needs 16-byte row strides in fp32 (tests/ops/test_moe_experts.py).
+    Overrides go to the constructor, so derived fields (Qwen2-MoE's layer_types) stay consistent.
+    """
+    from transformers import Qwen2MoeConfig, Qwen3MoeConfig
+
+    kw = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=36, moe_intermediate_size=20,
+              num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+              tie_word_embeddings=tied, rms_norm_eps=1e-6, num_experts=8, num_experts_per_tok=2,
+              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    if family == "qwen3_moe":
+        kw["head_dim"] = 12  # != hidden/heads (8)
+        kw.update(overrides)
+        return Qwen3MoeConfig(**kw)
+    if family == "qwen2_moe":
+        kw.update(shared_expert_intermediate_size=28, qkv_bias=True)
+        kw.update(overrides)
+        return Qwen2MoeConfig(**kw)
+    raise ValueError(family)
+
+
+def set_experts_impl(model, impl: str) -> None:
+    """Switch every `Experts` module of our model to `impl` ("grouped" | "loop")."""
+    from veomni.models.transformers.moe import Experts
+
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.impl = impl
+
+
+def build_moe_pair(family: str = "qwen3_moe", tied: bool = False, seed: int = 0, attn_impl: str = "sdpa",
+                   experts_impl: str = "grouped", router_std: float = 0.5, expert_std: float = 0.1,
+                   **overrides):
+    """(HF reference, ours) MoE models with identical random weights, fp32, eval mode.
+
+    HF runs eager attention and its eager (per-expert loop) experts. The router weights get
+    std `router_std` so that routing is peaked and depends on the token (HF's 0.02 init gives
+    near-uniform probabilities, under which a wrong top-k would hardly show in the logits), the
+    experts `expert_std` so that they matter next to the residual stream.
+    """
+    import transformers
+
+    from veomni.models.registry import build_model
+
+    cfg = tiny_moe_config(family, tied, **overrides)
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="eager", experts_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, router_std)
+            elif "mlp.experts." in name:
+                p.normal_(0.0, expert_std)
+    ours = build_model(cfg, attn_impl=attn_impl).eval()
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    assert not [m for m in missing if not m.endswith("inv_freq")], missing
+    assert not unexpected, unexpected
+    ours.tie_weights()
+    set_experts_impl(ours, experts_impl)
+    return hf, ours

@@ -7,7 +7,7 @@ size tokens x experts is kept per layer.
   load_balancing_loss  Switch Transformer's E * sum_e f_e * P_e, with f_e the fraction of top-k
                        assignments and P_e the mean router probability of expert e, both pooled
                        over all sparse layers: transformers' `load_balancing_loss_func` exactly
-                       (tests/models/test_moe_router.py compares them).
+                       (tests/models/test_moe_models.py::test_balance_loss_matches_hf compares them).
   z_loss               ST-MoE's mean over tokens (and layers) of logsumexp(router logits)^2.
 
 Normalisation across micro-batches and ranks (`RouterLoss.__call__`): the CE loss of a micro-batch
