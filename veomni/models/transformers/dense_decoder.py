@@ -15,8 +15,8 @@ if the call passes none and the config records none, the call raises instead of 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -114,8 +114,37 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(q, k, cos, sin):
+    """q/k [B, H, S, D]; cos/sin [B, S, R]. R < D is partial rotary (Qwen3.5: the first R dims
+    rotate, the rest pass through)."""
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    r = cos.shape[-1]
+    if r < q.shape[-1]:
+        (q, q_pass), (k, k_pass) = q.split([r, q.shape[-1] - r], -1), k.split([r, k.shape[-1] - r], -1)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return torch.cat([q, q_pass], -1), torch.cat([k, k_pass], -1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+@dataclass
+class LayerContext:
+    """What every mixer of one forward call may need, built once by DecoderModel.
+
+    valid: [B, S] bool of the query tokens (None = all real). memo: per-call values a mixer family
+    derives once and its other layers reuse (the GDN document boundaries, for instance)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    meta: AttnMeta
+    impl: str
+    cache: Optional[KVCache]
+    cache_position: torch.Tensor
+    valid: Optional[torch.Tensor]
+    memo: Dict[str, Any] = field(default_factory=dict)
+
+    def remember(self, key: str, fn: Callable[[], Any]) -> Any:
+        if key not in self.memo:
+            self.memo[key] = fn()
+        return self.memo[key]
 
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -158,38 +187,54 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
 
-    def forward(self, x, cos, sin, meta: AttnMeta, impl: str, cache: Optional[KVCache], cache_position):
+    def project_q(self, x: torch.Tensor):
+        """[B, S, H, D] queries and an output gate (None here; Qwen3.5's gated attention has one)."""
+        return self.q_proj(x).view(*x.shape[:2], self.num_heads, self.head_dim), None
+
+    def forward(self, x, ctx: LayerContext):
         bsz, slen, _ = x.shape
-        q = self.q_proj(x).view(bsz, slen, self.num_heads, self.head_dim)
+        q, gate = self.project_q(x)
         k = self.k_proj(x).view(bsz, slen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(bsz, slen, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, cache_position)
-        out = attention(q, k, v, meta, impl, self.scaling)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, slen, -1))
+        q, k = apply_rope(q, k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v, ctx.cache_position)
+        out = attention(q, k, v, ctx.meta, ctx.impl, self.scaling).transpose(1, 2).reshape(bsz, slen, -1)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x)). The mixer is attention; the MLP
-    is dense (`MLP`) or sparse (`moe.SparseMoeBlock`, which also returns its RouterStats)."""
+    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool, mlp: nn.Module):
+    The mixer is attention (`self_attn`) or, in hybrids, a linear-attention mixer under its HF
+    name (Qwen3.5: `linear_attn`); every mixer is called as mixer(x, ctx). The MLP is dense (`MLP`)
+    or sparse (`moe.SparseMoeBlock`, which also returns its RouterStats). `norm` builds the two
+    block norms (RMSNorm; Qwen3.5 uses the zero-centred one)."""
+
+    def __init__(self, config, mixer: nn.Module, mlp: nn.Module, mixer_name: str = "self_attn",
+                 norm: Callable[[int, float], nn.Module] = RMSNorm):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, qkv_bias, o_bias, qk_norm)
+        self.mixer_name = mixer_name
+        setattr(self, mixer_name, mixer)
         self.mlp = mlp
         self.sparse = hasattr(mlp, "gate") and hasattr(mlp, "experts")
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = norm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, meta, impl, cache, cache_position, token_valid=None):
+    @property
+    def mixer(self) -> nn.Module:
+        return getattr(self, self.mixer_name)
+
+    def forward(self, x, ctx: LayerContext):
         """Returns (x, RouterStats or None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, impl, cache, cache_position)
+        x = x + self.mixer(self.input_layernorm(x), ctx)
         if self.sparse:
-            h, stats = self.mlp(self.post_attention_layernorm(x), token_valid)
+            h, stats = self.mlp(self.post_attention_layernorm(x), ctx.valid)
             return x + h, stats
         return x + self.mlp(self.post_attention_layernorm(x)), None
 
@@ -197,22 +242,16 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embeddings -> N decoder layers -> final norm. Returns normed hidden states [B, S, H]."""
 
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, qk_norm: bool,
-                 build_mlp: Optional[Callable[[object, int], nn.Module]] = None):
+    def __init__(self, config, build_layer: Callable[[object, int], DecoderLayer],
+                 norm: Callable[[int, float], nn.Module] = RMSNorm, rotary_dim: Optional[int] = None):
         super().__init__()
         self.config = config
         self.padding_idx = getattr(config, "pad_token_id", None)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        if build_mlp is None:
-            def build_mlp(cfg, i):
-                return MLP(cfg, bias=getattr(cfg, "mlp_bias", False))
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, i, qkv_bias, o_bias, qk_norm, build_mlp(config, i))
-            for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(build_layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = norm(config.hidden_size, config.rms_norm_eps)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.rotary_emb = RotaryEmbedding(config, head_dim)
+        self.rotary_emb = RotaryEmbedding(config, rotary_dim or head_dim)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, segment_ids=None,
                 attn_mode="causal", block_size=None, attn_impl="sdpa", past_key_values=None,
@@ -252,8 +291,9 @@ class DecoderModel(nn.Module):
             q_pos=position_ids, k_pos=k_pos, k_valid=k_valid, q_seg=segment_ids, k_seg=segment_ids,
         )
         cos, sin = self.rotary_emb(x, position_ids)
+        ctx = LayerContext(cos, sin, meta, attn_impl, past_key_values, cache_position, token_valid)
         for layer in self.layers:
-            x, stats = layer(x, cos, sin, meta, attn_impl, past_key_values, cache_position, token_valid)
+            x, stats = layer(x, ctx)
             if stats is not None and router_stats is not None:
                 router_stats.append(stats)
         return self.norm(x)
@@ -275,14 +315,24 @@ class DecoderForCausalLM(nn.Module):
                 "use_sliding_window=false (as released Qwen2.5/Qwen3 configs do)."
             )
         self.config = config
-        bias = bool(getattr(config, "attention_bias", False))
-        qkv_bias = bias if self.qkv_bias is None else self.qkv_bias
-        o_bias = bias if self.o_bias is None else self.o_bias
-        self.model = DecoderModel(config, qkv_bias, o_bias, self.qk_norm, self.build_mlp)
+        self.model = self.build_backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.attn_impl = attn_impl
         check_attention("causal", attn_impl)
         self.tie_weights()
+
+    def build_backbone(self, config) -> DecoderModel:
+        return DecoderModel(config, self.build_layer)
+
+    def build_layer(self, config, layer_idx: int) -> DecoderLayer:
+        return DecoderLayer(config, self.build_mixer(config, layer_idx), self.build_mlp(config, layer_idx))
+
+    def build_mixer(self, config, layer_idx: int) -> nn.Module:
+        """The token mixer of layer `layer_idx`: attention with the family's switches."""
+        bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = bias if self.qkv_bias is None else self.qkv_bias
+        o_bias = bias if self.o_bias is None else self.o_bias
+        return Attention(config, layer_idx, qkv_bias, o_bias, self.qk_norm)
 
     def build_mlp(self, config, layer_idx: int) -> nn.Module:
         """The MLP of layer `layer_idx`: dense here; MoE families return a SparseMoeBlock."""
@@ -331,6 +381,9 @@ class DecoderForCausalLM(nn.Module):
                 m.weight.normal_(0.0, std)
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
+            elif hasattr(m, "reset_dllm_parameters"):  # modules with their own init (Qwen3.5's norms, GDN)
+                m.reset_dllm_parameters()
+                continue
             for name, p in m.named_parameters(recurse=False):  # fused experts, router weights
                 if p.dim() >= 2 and not isinstance(m, (nn.Linear, nn.Embedding)):
                     p.normal_(0.0, std)
