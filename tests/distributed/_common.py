@@ -24,6 +24,14 @@ def _entry(rank, fn, world_size, port, args):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # 2 cores, 2 ranks: oversubscription makes gloo tests crawl
     fn(*args)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # Leave together and tear gloo down before the interpreter exits: a rank exiting while
+        # gloo's threads still run aborted once under load ("terminate called without an active
+        # exception", SIGABRT in a 4-rank HSDP test).
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_workers(fn, world_size: int, *args, timeout: float = 120.0) -> None:
