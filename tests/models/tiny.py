@@ -145,3 +145,70 @@ def build_moe_pair(family: str = "qwen3_moe", tied: bool = False, seed: int = 0,
     ours.tie_weights()
     set_experts_impl(ours, experts_impl)
     return hf, ours
+
+
+# ---- Qwen3.5 hybrids (Gated DeltaNet + gated attention) -----------------------------------------
+
+LIN, FULL = "linear_attention", "full_attention"
+
+
+def tiny_qwen3_5_config(moe: bool = False, layer_types=(LIN, LIN, LIN, FULL), partial_rotary_factor: float = 0.25,
+                        head_dim: int = 8, tied: bool = False, **overrides):
+    """A tiny Qwen3.5 (or Qwen3.5-MoE) text config with awkward GDN shapes: 2 q/k heads of dim 6
+    serving 4 value heads of dim 5 (odd), GQA 4/2 attention heads of `head_dim` (!= hidden/heads
+    = 10), partial RoPE via rope_parameters. MoE: 6 experts, top-2, plus a shared expert."""
+    from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig
+
+    kw = dict(vocab_size=VOCAB, hidden_size=40, num_hidden_layers=len(layer_types), num_attention_heads=4,
+              num_key_value_heads=2, head_dim=head_dim, layer_types=list(layer_types), linear_num_key_heads=2,
+              linear_num_value_heads=4, linear_key_head_dim=6, linear_value_head_dim=5, linear_conv_kernel_dim=4,
+              rms_norm_eps=1e-6, max_position_embeddings=256, tie_word_embeddings=tied,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                               "partial_rotary_factor": partial_rotary_factor})
+    if moe:
+        kw.update(moe_intermediate_size=20, shared_expert_intermediate_size=28, num_experts=6, num_experts_per_tok=2)
+        kw.update(overrides)
+        return Qwen3_5MoeTextConfig(**kw)
+    kw.update(intermediate_size=56)
+    kw.update(overrides)
+    return Qwen3_5TextConfig(**kw)
+
+
+def randomize_qwen3_5(model, seed: int = 0, std: float = 0.25) -> None:
+    """Large random weights (HF's std 0.02 init hides mistakes), in place, on HF's or our model (the
+    names are the same): normal(0, std) on every matrix, +-0.1 noise on the norms (zero-centred
+    ones become ~+-0.1, GDN's gated norm ~1 +- 0.1), A = exp(A_log) ~ U(0.5, 4) so the decay is
+    neither ~1 nor ~0, dt_bias noise. Our reverse_gate is left alone."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("reverse_gate"):
+                continue
+            if name.endswith("A_log"):
+                p.copy_(torch.empty(p.shape).uniform_(0.5, 4.0, generator=g).log())
+            elif name.endswith("dt_bias"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def build_qwen3_5_pair(moe: bool = False, seed: int = 0, attn_impl: str = "sdpa", **config_kw):
+    """(HF Qwen3_5[Moe]ForCausalLM, ours) with identical large random weights, fp32, eval mode.
+    HF runs eager attention (and eager experts); ours gets HF's state dict (its reverse gates stay 0)."""
+    import transformers
+
+    from veomni.models.registry import build_model
+
+    cfg = tiny_qwen3_5_config(moe=moe, **config_kw)
+    torch.manual_seed(seed)
+    extra = {"experts_implementation": "eager"} if moe else {}
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", **extra).eval()
+    randomize_qwen3_5(hf, seed)
+    ours = build_model(cfg, attn_impl=attn_impl).eval()
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    assert all(m.endswith("linear_attn.reverse_gate") for m in missing), missing
+    assert not unexpected, unexpected
+    ours.tie_weights()
+    return hf, ours

@@ -8,6 +8,11 @@ where `pairs` is the number of (query, key) pairs the mode computes:
   causal         len^2 / 2 (a causal kernel skips the upper triangle; PaLM's appendix counts the
                  full square for both, we count what the kernel does)
   block_causal   sum over blocks of block_len x keys visible to it (the block and all before it)
+Hybrids (Qwen3.5): a "linear_attention" layer counts its projections as matmul parameters and
+its delta-rule scan as 6 x d_k x d_v per token and value head forward (read S^T k, write
+k (x) beta(v - m), read S^T q; the decays and the chunked form's intra-chunk products are not
+counted, as flash-attention's softmax is not), x 2 backward, x 2 again in the modes that add the
+reverse scan (bidirectional, block_causal). Attention pairs are counted on full-attention layers only.
 The LM head is counted only for the positions that have a loss (the diffusion loss computes the
 head at masked positions only), which is what makes the figure a *true* MFU.
 
@@ -40,16 +45,30 @@ def _mlp_active_params(config, layer_idx: int) -> int:
     return 3 * h * config.intermediate_size
 
 
+def _gdn_params(config) -> int:
+    h = config.hidden_size
+    key, value = config.linear_num_key_heads * config.linear_key_head_dim, config.linear_num_value_heads * config.linear_value_head_dim
+    return h * (2 * key + value) + h * value + 2 * h * config.linear_num_value_heads + value * h
+
+
 def dense_decoder_dims(config) -> dict:
-    """Sizes for the FLOPs count; `layer_params[l]` = matmul weights a token passes in layer l."""
+    """Sizes for the FLOPs count; `layer_params[l]` = matmul weights a token passes in layer l,
+    `layer_types[l]` = full_attention | linear_attention (GDN)."""
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     h, layers = config.hidden_size, config.num_hidden_layers
-    attn = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
-    layer_params = [attn + _mlp_active_params(config, i) for i in range(layers)]
+    gated = str(config.model_type).startswith("qwen3_5")  # q_proj also produces the output gate
+    attn = (2 if gated else 1) * h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
+    types = list(getattr(config, "layer_types", None) or ["full_attention"] * layers)
+    types = ["linear_attention" if t == "linear_attention" else "full_attention" for t in types]
+    layer_params = [(_gdn_params(config) if types[i] == "linear_attention" else attn) + _mlp_active_params(config, i)
+                    for i in range(layers)]
+    scan = (6 * config.linear_key_head_dim * config.linear_value_head_dim * config.linear_num_value_heads
+            if "linear_attention" in types else 0)
     return dict(layers=layers, heads=heads, head_dim=head_dim, body_params=sum(layer_params),
-                layer_params=layer_params, head_params=h * config.vocab_size)
+                layer_params=layer_params, head_params=h * config.vocab_size, layer_types=types,
+                gdn_scan_per_token=scan)
 
 
 @dataclass(frozen=True)
@@ -135,13 +154,16 @@ def dense_decoder_flops(config, seq_lens: Iterable[int], head_tokens: int | None
     if trainable is None:  # everything trains: every input and weight gradient is computed
         trainable = Trainability((0,) * layers, (True,) * layers, head_trainable=True, head_input_grad=True)
 
+    is_attn = [t == "full_attention" for t in d["layer_types"]]
+    scans = 1 if attn_mode == "causal" else 2  # the reverse scan of bidirectional / block_causal GDN
+    scan = d["gdn_scan_per_token"] * scans * tokens  # one GDN layer's scans, forward
     body = 2 * d["body_params"]  # forward, per token
-    attn = 4 * attn_unit * layers
+    attn = sum(4 * attn_unit if a else scan for a in is_attn)
     head = 2 * d["head_params"]
     if backward:
-        for per_layer, frozen, grad_in in zip(d["layer_params"], trainable.layer_frozen_matmul,
-                                              trainable.layer_input_grad):
+        for per_layer, frozen, grad_in, a in zip(d["layer_params"], trainable.layer_frozen_matmul,
+                                                 trainable.layer_input_grad, is_attn):
             body += 2 * per_layer * grad_in + 2 * (per_layer - frozen)
-            attn += 8 * attn_unit * grad_in
+            attn += (8 * attn_unit if a else 2 * scan) * grad_in
         head += 2 * d["head_params"] * (trainable.head_input_grad + trainable.head_trainable)
     return float(body * tokens + head * head_tokens + attn)

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from veomni.models.registry import get_spec
+from veomni.models.registry import get_spec, text_config
+
+logger = logging.getLogger("veomni")
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -146,6 +149,19 @@ def _expected_keys(model) -> set:
 def _finish_load(model, device, dtype: torch.dtype, loaded: set, source) -> torch.nn.Module:
     """Re-tie, check completeness, recompute the RoPE buffers, record the dtype."""
     missing = sorted(_expected_keys(model) - loaded)
+    extras = model.dllm_extra_parameters() if hasattr(model, "dllm_extra_parameters") else {}
+    fresh = [k for k in missing if k in extras]
+    if fresh:
+        # Our dLLM-only parameters (Qwen3.5's reverse GDN gates): an AR checkpoint lacks them, and
+        # their fresh value keeps the model's function equal to the checkpoint's.
+        for key in fresh:
+            module_name, _, leaf = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            shape = getattr(module, leaf).shape
+            setattr(module, leaf, torch.nn.Parameter(torch.full(shape, extras[key], dtype=dtype, device=device)))
+        logger.info("%s: %d dLLM parameter(s) not in the checkpoint, initialised (e.g. %s = %g)",
+                    source, len(fresh), fresh[0], extras[fresh[0]])
+        missing = [k for k in missing if k not in extras]
     if missing:
         raise KeyError(
             f"{source}: checkpoint is missing {len(missing)} weight(s) our "
@@ -207,13 +223,15 @@ def load_model(path, dtype=None, attn_impl: str = "sdpa", device="cpu", gguf_fil
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"{root / 'config.json'} not found: `path` must be an HF model directory.")
     config = _strip_quantization(AutoConfig.from_pretrained(str(root)))
+    file_spec = get_spec(config.model_type)  # a vision-language wrapper maps its text model's keys
+    config = text_config(config)
     apply_config_overrides(config, config_overrides)
     dtype = resolve_dtype(dtype, config)
     device = torch.device(device)
     kind, files = _weight_files(root)
     spec, model = _meta_model(config, attn_impl)
     expected, loaded = _expected_keys(model), set()
-    reader = spec.hf_reader(config)  # per-expert hub weights are fused as their shards arrive
+    reader = file_spec.hf_reader(config)  # per-expert hub weights are fused as their shards arrive
     for file in files:
         sd = reader(_read_shard(file, kind))
         _assign_shard(model, sd, expected, device, dtype, file, loaded)

@@ -6,8 +6,11 @@ To add a family: write veomni/models/transformers/<family>/modeling_<family>.py 
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, Dict
+
+logger = logging.getLogger("veomni")
 
 
 def _identity_keys(state_dict: Dict) -> Dict:
@@ -26,14 +29,16 @@ class ModelSpec:
     hf_to_ours: Callable[[Dict], Dict] = _identity_keys
     ours_to_hf: Callable[[Dict], Dict] = _identity_keys
     fused_experts: bool = False  # hub checkpoints store experts one by one (veomni/models/moe_weights.py)
+    skip_prefixes: tuple = ()  # checkpoint weights we do not model (Qwen3.5: mtp.*), skipped with one log line
+    text_model_type: str = ""  # a vision-language wrapper: load its text model (this model_type) only
 
     def hf_reader(self, config) -> "_Reader":
         """A converter for one checkpoint load: call it on each shard, then `.finish()`."""
         if self.fused_experts:
             from veomni.models.moe_weights import ExpertMerger
 
-            return _Reader(self.hf_to_ours, ExpertMerger(config.num_experts))
-        return _Reader(self.hf_to_ours)
+            return _Reader(self.hf_to_ours, ExpertMerger(config.num_experts), self.skip_prefixes)
+        return _Reader(self.hf_to_ours, skip=self.skip_prefixes)
 
     def hf_writer(self, state_dict: Dict) -> Dict:
         """Our state dict -> the hub's names and layout."""
@@ -55,16 +60,47 @@ class ModelSpec:
 
 
 class _Reader:
-    def __init__(self, keys: Callable[[Dict], Dict], merger=None):
-        self.keys, self.merger = keys, merger
+    def __init__(self, keys: Callable[[Dict], Dict], merger=None, skip: tuple = ()):
+        self.keys, self.merger, self.skip = keys, merger, tuple(skip)
+        self.skipped: Dict[str, int] = {}
 
     def __call__(self, state_dict: Dict) -> Dict:
         state_dict = self.keys(state_dict)
+        if self.skip:
+            for key in [k for k in state_dict if k.startswith(self.skip)]:
+                prefix = next(p for p in self.skip if key.startswith(p))
+                self.skipped[prefix] = self.skipped.get(prefix, 0) + 1
+                del state_dict[key]
         return state_dict if self.merger is None else self.merger(state_dict)
 
     def finish(self) -> None:
         if self.merger is not None:
             self.merger.finish()
+        if self.skipped:
+            logger.info("skipped checkpoint weights this model does not use: %s",
+                        ", ".join(f"{n} x {p}*" for p, n in sorted(self.skipped.items())))
+
+
+def _language_model_keys(state_dict: Dict) -> Dict:
+    """Qwen3.5 vision-language checkpoint -> its text model: model.language_model.* -> model.*;
+    the vision tower (model.visual.*) and mtp.* are left for the reader to skip."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("model.language_model."):
+            k = "model." + k[len("model.language_model."):]
+        out[k] = v
+    return _identity_keys(out)
+
+
+def text_config(config):
+    """The config our model is built from: the text config of a vision-language wrapper, else itself."""
+    spec = get_spec(config.model_type)
+    if not spec.text_model_type:
+        return config
+    text = config.text_config
+    # The wrapper holds the tying flag of the whole model (HF ties lm_head to the text embeddings).
+    text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", text.tie_word_embeddings))
+    return text
 
 
 def _dense_flops(*args, **kwargs):
@@ -74,6 +110,7 @@ def _dense_flops(*args, **kwargs):
 
 
 _BASE = "veomni.models.transformers"
+_HYBRID_SKIP = ("mtp.", "model.visual.")
 MODEL_REGISTRY: Dict[str, ModelSpec] = {
     "llama": ModelSpec("llama", f"{_BASE}.llama.modeling_llama", "LlamaForCausalLM", "LlamaConfig", _dense_flops),
     "qwen2": ModelSpec("qwen2", f"{_BASE}.qwen2.modeling_qwen2", "Qwen2ForCausalLM", "Qwen2Config", _dense_flops),
@@ -83,6 +120,19 @@ MODEL_REGISTRY: Dict[str, ModelSpec] = {
                            "Qwen3MoeConfig", _dense_flops, fused_experts=True),
     "qwen2_moe": ModelSpec("qwen2_moe", f"{_BASE}.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeForCausalLM",
                            "Qwen2MoeConfig", _dense_flops, fused_experts=True),
+    # Qwen3.5 hybrids (GDN + gated attention). Text models load directly; the vision-language
+    # checkpoints (model_type qwen3_5 / qwen3_5_moe) give their text model (see text_config).
+    "qwen3_5_text": ModelSpec("qwen3_5_text", f"{_BASE}.qwen3_5.modeling_qwen3_5", "Qwen3_5ForCausalLM",
+                              "Qwen3_5TextConfig", _dense_flops, skip_prefixes=_HYBRID_SKIP),
+    "qwen3_5_moe_text": ModelSpec("qwen3_5_moe_text", f"{_BASE}.qwen3_5_moe.modeling_qwen3_5_moe",
+                                  "Qwen3_5MoeForCausalLM", "Qwen3_5MoeTextConfig", _dense_flops,
+                                  fused_experts=True, skip_prefixes=_HYBRID_SKIP),
+    "qwen3_5": ModelSpec("qwen3_5", f"{_BASE}.qwen3_5.modeling_qwen3_5", "Qwen3_5ForCausalLM", "Qwen3_5Config",
+                         _dense_flops, hf_to_ours=_language_model_keys, skip_prefixes=_HYBRID_SKIP,
+                         text_model_type="qwen3_5_text"),
+    "qwen3_5_moe": ModelSpec("qwen3_5_moe", f"{_BASE}.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeForCausalLM",
+                             "Qwen3_5MoeConfig", _dense_flops, hf_to_ours=_language_model_keys, fused_experts=True,
+                             skip_prefixes=_HYBRID_SKIP, text_model_type="qwen3_5_moe_text"),
 }
 
 

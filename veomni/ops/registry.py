@@ -48,6 +48,27 @@ def _install_moe_experts(model, choice: str) -> int:
     return n
 
 
+def _require_fla() -> None:
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"model.ops.gdn=fla needs flash-linear-attention ({exc}): pip install "
+                         "flash-linear-attention (CUDA GPU), or set --model.ops.gdn=torch") from None
+
+
+def _install_gdn(model, choice: str) -> int:
+    from veomni.models.transformers.gated_deltanet import GatedDeltaNet
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, GatedDeltaNet):
+            if choice == "fla":
+                _require_fla()  # at start-up, not at the first forward
+            m.impl = choice
+            n += 1
+    return n
+
+
 OPS: Dict[str, OpSpec] = {
     # Choices must equal veomni.ops.moe_experts.EXPERT_IMPLS (tests/ops/test_ops_registry.py);
     # listed here so that the config does not import torch.
@@ -56,6 +77,14 @@ OPS: Dict[str, OpSpec] = {
         about={"grouped": "tokens sorted by expert once, two grouped matmuls for all experts",
                "loop": "the reference, transformers' loop: gather, SwiGLU and scatter-add per expert"},
         install=_install_moe_experts),
+    # Choices must equal veomni.ops.gdn.GDN_IMPLS.
+    "gdn": OpSpec(
+        choices=("torch", "fla"), default="torch",
+        about={"torch": "our chunked delta rule (UT/WY form, fp32) and conv in plain torch, document-exact "
+                        "under packing; any device",
+               "fla": "flash-linear-attention's Triton chunk kernels and causal conv (CUDA; "
+                      "pip install flash-linear-attention)"},
+        install=_install_gdn),
 }
 
 

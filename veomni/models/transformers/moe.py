@@ -67,7 +67,8 @@ class TopKRouter(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_experts
-        self.norm_topk_prob = bool(config.norm_topk_prob)
+        # Qwen3.5-MoE has no such field: it always renormalises (transformers' Qwen3_5MoeTopKRouter).
+        self.norm_topk_prob = bool(getattr(config, "norm_topk_prob", True))
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.top_k} must be in [1, num_experts={self.num_experts}]")
         self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
@@ -157,4 +158,4 @@ class SparseMoeBlock(nn.Module):
 def is_sparse_layer(config, layer_idx: int) -> bool:
     """transformers' rule: sparse unless listed in mlp_only_layers, every decoder_sparse_step-th."""
     return (layer_idx not in (getattr(config, "mlp_only_layers", None) or [])
-            and config.num_experts > 0 and (layer_idx + 1) % config.decoder_sparse_step == 0)
+            and config.num_experts > 0 and (layer_idx + 1) % getattr(config, "decoder_sparse_step", 1) == 0)
