@@ -16,13 +16,24 @@ MASK = VOCAB - 1  # 96
 DEVICE = os.environ.get("VEOMNI_TEST_DEVICE", "cpu")
 
 
-def tiny_dllm(attn_mode="bidirectional", block_size=None, shift=True, seed=0, std=0.3):
+def tiny_dllm(attn_mode="bidirectional", block_size=None, shift=True, seed=0, std=0.3, family="llama"):
     """Random 2-layer Llama-shaped dLLM. std=0.3 (not 0.02) makes predictions peaked, so confidences
-    spread over (0, 1) and threshold/entropy rules have something to choose between."""
+    spread over (0, 1) and threshold/entropy rules have something to choose between.
+    family="qwen3_5": a 4-layer Qwen3.5 hybrid (GDN, GDN, attention, GDN), reverse gates non-zero."""
     from veomni.models.registry import build_model
 
-    cfg = tiny_config("llama", mask_token_id=MASK, dllm_attn_mode=attn_mode, dllm_block_size=block_size,
-                      dllm_logit_shift=shift, eos_token_id=None, pad_token_id=0)
+    extra = dict(mask_token_id=MASK, dllm_attn_mode=attn_mode, dllm_block_size=block_size,
+                 dllm_logit_shift=shift, eos_token_id=None, pad_token_id=0)
+    if family == "qwen3_5":
+        from transformers import Qwen3_5TextConfig
+
+        cfg = Qwen3_5TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, linear_num_key_heads=2,
+                                linear_num_value_heads=4, linear_key_head_dim=6, linear_value_head_dim=5,
+                                layer_types=["linear_attention", "linear_attention", "full_attention",
+                                             "linear_attention"], **extra)
+    else:
+        cfg = tiny_config(family, **extra)
     torch.manual_seed(seed)
     model = build_model(cfg).double().eval()
     with torch.no_grad():

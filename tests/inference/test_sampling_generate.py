@@ -12,10 +12,11 @@ SEEDS = [11, 12, 13]
 _MODELS = {}
 
 
-def model_for(attn_mode="bidirectional", shift=True, std=0.3):
-    key = (attn_mode, shift, std)
+def model_for(attn_mode="bidirectional", shift=True, std=0.3, family="llama"):
+    key = (attn_mode, shift, std, family)
     if key not in _MODELS:
-        _MODELS[key] = tiny_dllm(attn_mode, 4 if attn_mode == "block_causal" else None, shift=shift, std=std)
+        _MODELS[key] = tiny_dllm(attn_mode, 4 if attn_mode == "block_causal" else None, shift=shift, std=std,
+                                 family=family)
     return _MODELS[key]
 
 
@@ -63,11 +64,16 @@ CASES = {
     "bc_threshold_block": ("block_causal", dict(alg="threshold", threshold=0.3, use_cache="block")),
     "bc_llada_block": ("block_causal", dict(alg="low_confidence", steps=8, use_cache="block")),
     "bc_multi_block_block": ("block_causal", dict(MB, use_cache="block")),
+    "hybrid_maskgit": ("bidirectional/hybrid", dict(alg="maskgit_plus", steps=8)),
+    "hybrid_dual": ("bidirectional/hybrid", dict(alg="threshold", threshold=0.3, block_length=4, use_cache="dual")),
+    "hybrid_bc_block": ("block_causal/hybrid", dict(alg="threshold", threshold=0.3, use_cache="block")),
 }
 
 
 def _model(kind):
     mode, _, flag = kind.partition("/")
+    if flag == "hybrid":  # Qwen3.5: GDN layers with a recurrent-state cache
+        return model_for(mode, family="qwen3_5")
     return model_for(mode, shift=flag != "noshift")
 
 
@@ -100,6 +106,11 @@ EXACT = [  # (attn_mode, case kwargs, cache): the cache cannot change any logit 
     *[("causal", dict(alg=a, block_length=4, **k), c)
       for a, k in (("threshold", dict(threshold=0.3)), ("low_confidence", dict(steps=8))) for c in ("prefix", "dual")],
     ("causal", dict(MB), "prefix"),
+    # Qwen3.5 hybrid: GDN layers cache their inputs and recurrent-state snapshots.
+    ("block_causal/hybrid", dict(alg="threshold", threshold=0.3), "block"),
+    ("block_causal/hybrid", dict(alg="low_confidence", steps=8), "prefix"),
+    ("block_causal/hybrid", dict(MB), "block"),
+    ("causal/hybrid", dict(alg="threshold", threshold=0.3, block_length=4), "dual"),
 ]
 
 

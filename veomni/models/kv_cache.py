@@ -15,7 +15,7 @@ Writes must keep the cache contiguous: new indices may overwrite or extend, neve
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -28,6 +28,11 @@ class KVCache:
         # positions, padding masks the validity.
         self.positions: Optional[torch.Tensor] = None  # [B, L]
         self.valid: Optional[torch.Tensor] = None  # [B, L] bool
+        # Linear-attention (GDN) layers cache their per-token inputs, [B, L, C] by (name, layer),
+        # and recurrent-state snapshots {row index j: state after [0, j)} per layer
+        # (veomni/models/transformers/gated_deltanet.py).
+        self.extra: Dict[Tuple[str, int], torch.Tensor] = {}
+        self.states: Dict[int, Dict[int, torch.Tensor]] = {}
 
     def get_seq_length(self) -> int:
         return 0 if self.positions is None else self.positions.shape[1]
@@ -64,6 +69,15 @@ class KVCache:
         self.values[layer_idx] = self._write(self.values[layer_idx], v, cache_position, 2)
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def update_extra(self, name: str, layer_idx: int, new: torch.Tensor, cache_position: torch.Tensor):
+        """Write per-token values [B, Sq, C] at `cache_position`; return all of them [B, L, C]."""
+        key = (name, layer_idx)
+        self.extra[key] = self._write(self.extra.get(key), new, cache_position, 1)
+        return self.extra[key]
+
+    def layer_states(self, layer_idx: int) -> Dict[int, torch.Tensor]:
+        return self.states.setdefault(layer_idx, {})
+
     def crop(self, length: int) -> None:
         """Forget every index >= length (e.g. drop the speculative suffix of a prefix cache)."""
         if self.positions is None:
@@ -72,6 +86,8 @@ class KVCache:
         self.valid = self.valid[:, :length]
         self.keys = [None if k is None else k[:, :, :length] for k in self.keys]
         self.values = [None if v is None else v[:, :, :length] for v in self.values]
+        self.extra = {k: t[:, :length] for k, t in self.extra.items()}
+        self.states = {i: {j: st for j, st in d.items() if j <= length} for i, d in self.states.items()}
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep only the rows in `index` (finished rows leave a batch)."""
@@ -80,3 +96,5 @@ class KVCache:
         self.positions, self.valid = self.positions[index], self.valid[index]
         self.keys = [None if k is None else k[index] for k in self.keys]
         self.values = [None if v is None else v[index] for v in self.values]
+        self.extra = {k: t[index] for k, t in self.extra.items()}
+        self.states = {i: {j: st[index] for j, st in d.items()} for i, d in self.states.items()}

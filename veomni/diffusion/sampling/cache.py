@@ -76,7 +76,8 @@ class WindowedKVCache(KVCache):
             store = new.new_zeros(shape)
         dst = store.narrow(dim, q0, q1 - q0)
         if merge and self._keep is not None:
-            new = torch.where(self._keep, dst, new)
+            keep = self._keep if dim == 2 else self._keep[:, 0]  # [B, 1, S, 1] for k/v, [B, S, 1] for [B, S, C]
+            new = torch.where(keep, dst, new)
         dst.copy_(new)
         return store
 
@@ -93,6 +94,12 @@ class WindowedKVCache(KVCache):
         self.keys[layer_idx] = self._store(self.keys[layer_idx], k, 2, merge=True)
         self.values[layer_idx] = self._store(self.values[layer_idx], v, 2, merge=True)
         return self.keys[layer_idx][:, :, : self.length], self.values[layer_idx][:, :, : self.length]
+
+
+    def update_extra(self, name, layer_idx, new, cache_position):
+        key = (name, layer_idx)
+        self.extra[key] = self._store(self.extra.get(key), new, 1, merge=True)
+        return self.extra[key][:, : self.length]
 
 
 def attention_block_start(index: torch.Tensor, pos_at: torch.Tensor, block_size: int) -> torch.Tensor:
