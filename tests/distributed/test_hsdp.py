@@ -32,7 +32,7 @@ def test_hsdp_2x2_matches_one_process_and_reshards(tmp_path, monkeypatch):
 
     run_workers(_worker, 4, str(tmp_path), timeout=180)
     got = torch.load(tmp_path / "r.pt", weights_only=False)
-    assert got["layout"] == {"dp_replicate": 2, "dp_shard": 2}
+    assert got["layout"] == {"dp_replicate": 2, "dp_shard": 2, "sp": 1}
     assert got["placements"] == ["Replicate", "Shard"]  # HSDP: replicate x shard
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -23,10 +23,10 @@ def _no_launcher_env(monkeypatch):
 
 
 def test_mesh_layouts():
-    assert mesh_layout("fsdp2", 4) == {"dp_replicate": 1, "dp_shard": 4}
-    assert mesh_layout("fsdp2", 4, dp_replicate=2) == {"dp_replicate": 2, "dp_shard": 2}
-    assert mesh_layout("ddp", 4) == {"dp_replicate": 4, "dp_shard": 1}
-    assert mesh_layout("none", 1) == {"dp_replicate": 1, "dp_shard": 1}
+    assert mesh_layout("fsdp2", 4) == {"dp_replicate": 1, "dp_shard": 4, "sp": 1}
+    assert mesh_layout("fsdp2", 4, dp_replicate=2) == {"dp_replicate": 2, "dp_shard": 2, "sp": 1}
+    assert mesh_layout("ddp", 4) == {"dp_replicate": 4, "dp_shard": 1, "sp": 1}
+    assert mesh_layout("none", 1) == {"dp_replicate": 1, "dp_shard": 1, "sp": 1}
 
 
 @pytest.mark.parametrize("args,match", [

@@ -189,6 +189,11 @@ class TrainArgs:
         1, help="Expert parallelism: the experts of each MoE layer are split over this many ranks "
                 "(tokens travel to their experts by all-to-all); 1 = every rank holds every expert. "
                 "Must divide the world size and the number of experts (docs/parallelism.md).")
+    ulysses_parallel_size: int = cfg_field(
+        1, help="Ulysses sequence parallelism: every row's sequence is split over this many ranks, which "
+                "exchange heads for sequence around each token mixer (all-to-all) and also shard the "
+                "parameters (FSDP over dp x sp). Needs data_parallel=fsdp2; must divide the world size and "
+                "the attention (and gated-DeltaNet) head counts (docs/parallelism.md). 1 = off.")
     router_aux_loss_coef: Optional[float] = cfg_field(
         None, help="MoE: weight of the router load-balancing loss (Switch Transformer's, pooled over "
                    "layers) added to the training loss; none = the model config's router_aux_loss_coef "
@@ -243,6 +248,7 @@ class TrainArgs:
 
     def _check_moe(self) -> None:
         _at_least("train.expert_parallel_size", self.expert_parallel_size, 1)
+        _at_least("train.ulysses_parallel_size", self.ulysses_parallel_size, 1)
         _at_least("train.router_aux_loss_coef", self.router_aux_loss_coef, 0.0)
         _at_least("train.router_z_loss_coef", self.router_z_loss_coef, 0.0)
 

@@ -20,14 +20,15 @@ the chunked head + CE on those rows only: the [B, S, V] logits never exist.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from veomni.diffusion.noise import Corruption, corrupt, score_all
 from veomni.ops.chunked_ce import DEFAULT_CHUNK_SIZE, chunked_linear_cross_entropy
 
-__all__ = ["MDMObjective", "ARObjective", "build_objective", "check_mdm_attention", "WEIGHTINGS",
+__all__ = ["MDMObjective", "ARObjective", "ScoredRows", "build_objective", "check_mdm_attention", "WEIGHTINGS",
            "NORMALIZATIONS", "MDM_ATTN_MODES"]
 
 WEIGHTINGS = ("inv_t", "none")
@@ -74,6 +75,19 @@ def _denominator(global_denominator, n_local_scored: int) -> float:
     return denom
 
 
+@dataclass
+class ScoredRows:
+    """What the loss reads from the hidden states, one entry per scored token: the hidden row
+    positions[k] = (b, j) of the [B, S] = `shape` hidden states predicts targets[k] with weight
+    weights[k] (before the global normalisation). Sequence parallelism keeps the entries whose row
+    lies in its slice (veomni/distributed/sequence_parallel.py: shard_scored_rows)."""
+
+    positions: torch.Tensor  # [K, 2] long
+    targets: torch.Tensor  # [K] long
+    weights: torch.Tensor  # [K] fp32
+    shape: Tuple[int, int]
+
+
 class _HeadObjective:
     """Shared plumbing: model inputs, the gather of scored rows, and the chunked head + CE."""
 
@@ -101,8 +115,15 @@ class _HeadObjective:
     def num_loss_tokens(self, corr: Corruption) -> int:
         raise NotImplementedError
 
-    def loss_fn(self, corr: Corruption, global_denominator) -> LossFn:
+    def scored_rows(self, corr: Corruption) -> ScoredRows:
+        """The loss rows of this micro-batch: hidden positions, targets and per-token weights."""
+        return ScoredRows(corr.loss_positions, corr.targets, self._token_weights(corr), tuple(corr.masked.shape))
+
+    def loss_fn(self, corr: Corruption, global_denominator, rows: Optional[ScoredRows] = None) -> LossFn:
         """A callable ``(hidden [B, S, H], head_weight [V, H]) -> 0-d loss`` for this micro-batch.
+
+        ``rows``: the loss rows to score (default ``scored_rows(corr)``; sequence parallelism passes
+        the rows of its slice, and hidden is then that slice).
 
         It returns sum over this micro-batch's scored tokens of weight * CE, divided by
         ``global_denominator`` (the all-reduced sum of ``num_loss_tokens`` over every micro-batch
@@ -114,18 +135,19 @@ class _HeadObjective:
         the ranks' share-gradients, so the trainer must backward ``share * dp_world_size`` (and
         must not divide by the number of micro-batches). Log the unscaled share sum.
         """
-        n_local = corr.targets.numel()
-        denom = _denominator(global_denominator, n_local)
+        rows = self.scored_rows(corr) if rows is None else rows
+        denom = _denominator(global_denominator, rows.targets.numel())
         # Folding 1/denom into the per-token weights keeps the CE kernel a plain weighted sum.
-        weights = self._token_weights(corr) * (1.0 / denom if denom > 0 else 0.0)
-        loss_positions, targets, batch_shape = corr.loss_positions, corr.targets, tuple(corr.masked.shape)
+        weights = rows.weights * (1.0 / denom if denom > 0 else 0.0)
+        loss_positions, targets, batch_shape = rows.positions, rows.targets, tuple(rows.shape)
         chunk_size = self.chunk_size
 
         def fn(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
             if hidden.dim() != 3 or tuple(hidden.shape[:2]) != batch_shape:
                 raise ValueError(
                     f"loss_fn expects hidden_states [B, S, H] with [B, S] = {list(batch_shape)}, got "
-                    f"{tuple(hidden.shape)} (was the batch sliced, e.g. for sequence parallel, after prepare()?)"
+                    f"{tuple(hidden.shape)} (with sequence parallelism, pass the rows of this rank's slice: "
+                    "loss_fn(corr, denom, rows=shard_scored_rows(...)))"
                 )
             pos = loss_positions.to(hidden.device)
             rows = hidden[pos[:, 0], pos[:, 1]]  # [K, H]: the head runs only where there is a loss

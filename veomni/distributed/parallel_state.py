@@ -6,11 +6,13 @@
     ...
     ps.destroy()
 
-Mesh layout (docs/parallelism.md): dims ``("dp_replicate", "dp_shard")``, sizes
-``(dp_replicate, world_size // dp_replicate)``; the flattened ``"dp"`` submesh spans both and is
-what data loading and loss reductions use. FSDP2 shards over ``dp_shard`` (HSDP when
-``dp_replicate > 1``); DDP replicates over all ranks, laid out as ``(world_size, 1)``. Nothing
-else should build meshes or process groups.
+Mesh layout (docs/parallelism.md): dims ``("dp_replicate", "dp_shard", "sp")``, sizes
+``(dp_replicate, world_size // (dp_replicate * sp), sp)``; the flattened ``"dp"`` submesh spans the
+two data dims and is what data loading and token counts use (the ``sp`` ranks of one group read the
+same rows and split each row's sequence: Ulysses sequence parallelism, veomni/distributed/
+sequence_parallel.py). FSDP2 shards over ``dp_shard`` x ``sp`` (the flattened ``"dp_shard_sp"``;
+HSDP when ``dp_replicate > 1``); DDP replicates over all ranks, laid out as ``(world_size, 1, 1)``.
+Nothing else should build meshes or process groups.
 
 Expert parallelism (``ep_size > 1``, FSDP2 only) adds a second mesh over the same ranks,
 ``("ep_fsdp", "ep")`` with sizes ``(world_size // ep_size, ep_size)`` (VeOmni's shape): experts
@@ -83,12 +85,26 @@ def ep_layout(dp_mode: str, world_size: int, ep_size: int, dp_replicate: int = 1
     return {"ep_fsdp": world_size // ep_size, "ep": ep_size}
 
 
-def mesh_layout(dp_mode: str, world_size: int, dp_replicate: int = 1) -> Dict[str, int]:
+def mesh_layout(dp_mode: str, world_size: int, dp_replicate: int = 1, sp_size: int = 1) -> Dict[str, int]:
     """Mesh dim sizes for a data-parallel mode, or a ValueError naming the impossible part."""
     if dp_mode not in DP_MODES:
         raise ValueError(f"dp_mode={dp_mode!r} is not one of {DP_MODES}")
     if not isinstance(dp_replicate, int) or dp_replicate < 1:
         raise ValueError(f"dp_replicate must be an int >= 1, got {dp_replicate!r}")
+    if not isinstance(sp_size, int) or sp_size < 1:
+        raise ValueError(f"train.ulysses_parallel_size must be an int >= 1, got {sp_size!r}")
+    if sp_size > 1:
+        if dp_mode != "fsdp2":
+            raise ValueError(f"train.ulysses_parallel_size={sp_size} needs train.data_parallel=fsdp2 (the "
+                             f"sequence-parallel ranks also shard the parameters); data_parallel is {dp_mode!r}.")
+        if world_size % (dp_replicate * sp_size):
+            raise ValueError(f"world size {world_size} is not divisible by dp_replicate * ulysses_parallel_size "
+                             f"= {dp_replicate} * {sp_size}; change the number of processes or the sizes.")
+        return {"dp_replicate": dp_replicate, "dp_shard": world_size // (dp_replicate * sp_size), "sp": sp_size}
+    return {**_dp_layout(dp_mode, world_size, dp_replicate), "sp": 1}
+
+
+def _dp_layout(dp_mode: str, world_size: int, dp_replicate: int) -> Dict[str, int]:
     if dp_mode == "none":
         if world_size != 1:
             raise ValueError(
@@ -153,7 +169,7 @@ class ParallelState:
         self.device = device
         self.backend = backend
         self.layout = dict(layout)
-        self.mesh = mesh  # DeviceMesh over ("dp_replicate", "dp_shard"); None for dp_mode='none'
+        self.mesh = mesh  # DeviceMesh over ("dp_replicate", "dp_shard", "sp"); None for dp_mode='none'
         self._owns_group = owns_group
         self.ep_mesh = ep_mesh  # DeviceMesh over ("ep_fsdp", "ep"); None without expert parallelism
         self._submeshes: Dict[str, Any] = {}
@@ -165,11 +181,26 @@ class ParallelState:
             self._submeshes.update({
                 "dp_replicate": mesh["dp_replicate"],
                 "dp_shard": mesh["dp_shard"],
+                "sp": mesh["sp"],
                 "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
             })
+            if self.sp_size > 1:
+                # FSDP's dimension: the sequence-parallel ranks shard the parameters too.
+                self._submeshes["dp_shard_sp"] = mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
+                if self.layout["dp_replicate"] > 1:
+                    # HSDP x SP: FSDP2 wants one 2-D mesh (replicate, shard). torch warns that slicing
+                    # a flattened dim from the root will be deprecated, but still offers no public
+                    # way to pair a flattened dim with another one; the result is checked by
+                    # tests/distributed/test_sequence_parallel.py.
+                    import warnings
+
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+                        self._submeshes["hsdp"] = mesh["dp_replicate", "dp_shard_sp"]
 
     def __repr__(self) -> str:
         ep = f", ep_size={self.ep_size}" if self.ep_mesh is not None else ""
+        ep += f", sp_size={self.sp_size}" if self.sp_size > 1 else ""
         return (f"ParallelState(dp_mode={self.dp_mode!r}, rank={self.rank}, world_size={self.world_size}, "
                 f"layout={self.layout}{ep}, device={self.device}, backend={self.backend})")
 
@@ -181,6 +212,15 @@ class ParallelState:
     @property
     def dp_rank(self) -> int:
         return 0 if self.mesh is None else self._submeshes["dp"].get_local_rank()
+
+    @property
+    def sp_size(self) -> int:
+        """Ulysses sequence-parallel size: ranks that split each row's sequence (1 = off)."""
+        return self.layout["sp"]
+
+    @property
+    def sp_rank(self) -> int:
+        return 0 if self.mesh is None else self._submeshes["sp"].get_local_rank()
 
     @property
     def ep_size(self) -> int:
@@ -200,8 +240,8 @@ class ParallelState:
         return self.mesh is not None
 
     def submesh(self, name: str):
-        """The named 1-D (or flattened) submesh: 'dp', 'dp_shard', 'dp_replicate'; with expert
-        parallelism also 'ep' and 'ep_fsdp'."""
+        """The named 1-D (or flattened) submesh: 'dp', 'dp_shard', 'dp_replicate', 'sp'; with
+        sequence parallelism also 'dp_shard_sp'; with expert parallelism also 'ep' and 'ep_fsdp'."""
         if self.mesh is None:
             raise RuntimeError(f"dp_mode='none' has no device mesh (asked for submesh {name!r}).")
         if name not in self._submeshes:
@@ -209,28 +249,43 @@ class ParallelState:
         return self._submeshes[name]
 
     def fsdp_mesh(self):
-        """The mesh fully_shard uses: 1-D dp_shard, or 2-D (dp_replicate, dp_shard) for HSDP."""
+        """The mesh fully_shard uses: 1-D dp_shard (dp_shard x sp with sequence parallelism), or
+        2-D (dp_replicate, that) for HSDP."""
+        if self.sp_size > 1:
+            return self.submesh("hsdp" if self.layout["dp_replicate"] > 1 else "dp_shard_sp")
         if self.layout["dp_replicate"] > 1:
             return self.mesh["dp_replicate", "dp_shard"]
         return self.submesh("dp_shard")
 
+    @property
+    def grad_average_size(self) -> int:
+        """Ranks over which DDP/FSDP average gradients: every rank (dp x sp)."""
+        return self.dp_size * self.sp_size
+
     def group(self, name: str = "dp"):
-        return None if self.mesh is None else self.submesh(name).get_group()
+        """The process group of a submesh; 'world' is every rank (None = the default group)."""
+        if self.mesh is None or name == "world":
+            return None
+        return self.submesh(name).get_group()
+
+    def _group_size(self, name: str) -> int:
+        if self.mesh is None:
+            return 1
+        return self.world_size if name == "world" else self.submesh(name).size()
 
     # ---- collectives (identity on one process without a group) ------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor, group: str = "dp") -> torch.Tensor:
-        """In-place sum over the named group's ranks; returns the tensor."""
-        if self.mesh is not None and self.submesh(group).size() > 1:
+        """In-place sum over the named group's ranks ('world': all ranks); returns the tensor."""
+        if self._group_size(group) > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group(group))
         return tensor
 
     def all_reduce_mean(self, tensor: torch.Tensor, group: str = "dp") -> torch.Tensor:
         # SUM then divide: gloo has no ReduceOp.AVG.
-        n = 1 if self.mesh is None else self.submesh(group).size()
-        return self.all_reduce_sum(tensor, group).div_(n)
+        return self.all_reduce_sum(tensor, group).div_(self._group_size(group))
 
     def all_reduce_max(self, tensor: torch.Tensor, group: str = "dp") -> torch.Tensor:
-        if self.mesh is not None and self.submesh(group).size() > 1:
+        if self._group_size(group) > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group(group))
         return tensor
 
@@ -276,7 +331,8 @@ class ParallelState:
 
 def init_parallel_state(dp_mode: str = "fsdp2", dp_replicate: int = 1, backend: Optional[str] = None,
                         device_type: Optional[str] = None,
-                        timeout: Optional[datetime.timedelta] = None, ep_size: int = 1) -> ParallelState:
+                        timeout: Optional[datetime.timedelta] = None, ep_size: int = 1,
+                        sp_size: int = 1) -> ParallelState:
     """Create the process group (when needed), the device mesh and the global ParallelState.
 
     dp_mode: 'fsdp2' (shard params/grads/optimizer over dp_shard; HSDP with dp_replicate > 1),
@@ -285,6 +341,7 @@ def init_parallel_state(dp_mode: str = "fsdp2", dp_replicate: int = 1, backend: 
     device_type: None chooses cuda when available, else cpu.
     timeout: collective timeout (None = torch's default); tests pass a short one to fail fast.
     ep_size: expert-parallel size (train.expert_parallel_size); > 1 builds the ("ep_fsdp", "ep") mesh.
+    sp_size: Ulysses sequence-parallel size (train.ulysses_parallel_size); the "sp" mesh dimension.
     An already-initialised default process group is reused (and left alone by `destroy`).
     """
     global _STATE
@@ -292,7 +349,7 @@ def init_parallel_state(dp_mode: str = "fsdp2", dp_replicate: int = 1, backend: 
         raise RuntimeError("init_parallel_state was already called in this process; call "
                            "get_parallel_state() to reuse it, or .destroy() it first.")
     env = _launch_env()
-    layout = mesh_layout(dp_mode, env["world_size"], dp_replicate)
+    layout = mesh_layout(dp_mode, env["world_size"], dp_replicate, sp_size)
     ep = ep_layout(dp_mode, env["world_size"], ep_size, dp_replicate)
     device = _pick_device(device_type, env["local_rank"])
     if device.type == "cuda":
@@ -314,8 +371,10 @@ def init_parallel_state(dp_mode: str = "fsdp2", dp_replicate: int = 1, backend: 
             owns = True
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device.type, (layout["dp_replicate"], layout["dp_shard"]),
-                                mesh_dim_names=("dp_replicate", "dp_shard"))
+        # sp innermost: the ranks of one sequence-parallel group are consecutive, so on GPUs its
+        # all-to-alls stay inside a node.
+        mesh = init_device_mesh(device.type, (layout["dp_replicate"], layout["dp_shard"], layout["sp"]),
+                                mesh_dim_names=("dp_replicate", "dp_shard", "sp"))
         if ep["ep"] > 1:
             # Its own root mesh: FSDP2 needs the experts' EP mesh (their DTensor placement) and the
             # ep_fsdp mesh it shards them over to share one parent.
@@ -340,9 +399,10 @@ def get_parallel_state() -> ParallelState:
 def loss_scale_for_grad_averaging(parallel_state: Optional[ParallelState]) -> float:
     """Factor to multiply a globally-normalised micro-batch loss by before `backward()`.
 
-    DDP and FSDP2 AVERAGE gradients over the dp ranks (they divide the summed gradient by dp_size).
-    The trainer divides each rank's summed token loss by the GLOBAL token count (all ranks, all
-    micro-batches), whose gradient is the SUM over ranks; multiplying by dp_size before backward
-    turns the averaging back into that sum. Log the unscaled loss.
+    DDP and FSDP2 AVERAGE gradients over the ranks they span (dp_size ranks, times sp_size with
+    sequence parallelism). The trainer divides each rank's summed token loss by the GLOBAL token
+    count (all ranks, all micro-batches), whose gradient is the SUM over ranks; multiplying by the
+    number of averaged ranks before backward turns the averaging back into that sum. Log the
+    unscaled loss.
     """
-    return 1.0 if parallel_state is None else float(parallel_state.dp_size)
+    return 1.0 if parallel_state is None else float(parallel_state.grad_average_size)

@@ -5,12 +5,14 @@ wraps it in a fixed order, the one torchtitan's `parallelize_<model>` uses:
 
     1. expert parallelism        (ep_size > 1: experts split over the ep mesh, all-to-all dispatch;
                                   veomni/distributed/expert_parallel.py)
-    2. activation checkpointing  (each decoder block, so the wrapper sits inside the FSDP unit)
-    3. (torch.compile: not applied yet)
-    4. data parallel             (FSDP2: each Experts module over ep_fsdp under EP, each block,
-                                  then the root; or DDP around the whole model)
+    2. sequence parallelism      (sp_size > 1: Ulysses hooks on the token mixers;
+                                  veomni/distributed/sequence_parallel.py)
+    3. activation checkpointing  (each decoder block, so the wrapper sits inside the FSDP unit)
+    4. (torch.compile: not applied yet)
+    5. data parallel             (FSDP2 over dp_shard x sp: each Experts module over ep_fsdp under
+                                  EP, each block, then the root; or DDP around the whole model)
 
-Gradient contract: both FSDP2 and DDP AVERAGE gradients over the dp ranks. See
+Gradient contract: both FSDP2 and DDP AVERAGE gradients over the ranks they span (dp x sp). See
 `loss_scale_for_grad_averaging` in parallel_state.py and docs/parallelism.md.
 """
 from __future__ import annotations
@@ -163,10 +165,15 @@ def parallelize(model: nn.Module, parallel_state: ParallelState,
         if cfg.check_replicas and parallel_state.world_size > 1:
             _check_same_weights(model, parallel_state)  # before each rank drops the others' experts
         apply_expert_parallel(model, parallel_state)
-    # 2. activation checkpointing, innermost so each FSDP unit contains one checkpointed block.
+    # 2. sequence parallelism (on the bare mixers, before the checkpoint wrappers hide them).
+    if parallel_state.sp_size > 1:
+        from .sequence_parallel import apply_sequence_parallel
+
+        apply_sequence_parallel(model, parallel_state)
+    # 3. activation checkpointing, innermost so each FSDP unit contains one checkpointed block.
     if cfg.gradient_checkpointing:
         apply_activation_checkpointing(model)
-    # 4. data parallelism.
+    # 5. data parallelism.
     if mode == "fsdp2":
         if cfg.check_replicas and parallel_state.world_size > 1 and parallel_state.ep_size == 1:
             _check_same_weights(model, parallel_state)

@@ -33,10 +33,13 @@ def sparse_blocks(model) -> list:
 
 
 class MoETerms:
-    def __init__(self, aux_coef: float, z_coef: float, num_experts: int, num_layers: int, top_k: int):
+    def __init__(self, aux_coef: float, z_coef: float, num_experts: int, num_layers: int, top_k: int,
+                 sp_group=None, sp_size: int = 1, sp_rank: int = 0):
         from veomni.diffusion.router_loss import RouterLoss
 
         self.loss = RouterLoss(aux_coef=aux_coef, z_coef=z_coef)
+        # Sequence parallelism: each sp rank routes its slice of the same rows (see add()).
+        self.sp_group, self.sp_size, self.sp_rank = sp_group, sp_size, sp_rank
         self.num_experts = num_experts
         self.num_layers = num_layers
         self.top_k = top_k
@@ -45,7 +48,7 @@ class MoETerms:
         self._counts = None  # [layers, E] top-k assignments over this rank's micro-batches
 
     @classmethod
-    def build(cls, train_args, model) -> Optional["MoETerms"]:
+    def build(cls, train_args, model, ps=None) -> Optional["MoETerms"]:
         """MoETerms for a MoE model, None for a dense one; router coefficients set on a dense model
         are an error (they would do nothing, silently)."""
         blocks = sparse_blocks(model)
@@ -64,7 +67,9 @@ class MoETerms:
         cfg = model.config
         logger.info("MoE: %d sparse layers x %d experts, top-%d; router aux loss coef %g (%s), z-loss coef %g",
                     len(blocks), cfg.num_experts, cfg.num_experts_per_tok, aux, source, z)
-        return cls(aux, z, cfg.num_experts, len(blocks), cfg.num_experts_per_tok)
+        sp = {} if ps is None or ps.sp_size == 1 else dict(sp_group=ps.group("sp"), sp_size=ps.sp_size,
+                                                             sp_rank=ps.sp_rank)
+        return cls(aux, z, cfg.num_experts, len(blocks), cfg.num_experts_per_tok, **sp)
 
     def start_step(self, global_tokens: float) -> None:
         self.global_tokens = float(global_tokens)
@@ -76,17 +81,28 @@ class MoETerms:
         coefficients are 0: the backward graph is then exactly the CE one)."""
         if len(stats) != self.num_layers:
             raise RuntimeError(f"the model returned RouterStats of {len(stats)} layers, expected {self.num_layers}")
+        if self.sp_size > 1:
+            # The balance loss of the micro-batch needs the statistics of whole rows: pool the sp
+            # ranks' slices (differentiably), then each rank adds 1/P of the micro-batch's term, so
+            # the ranks' terms and gradients add up to the one-process ones.
+            from veomni.distributed.sequence_parallel import reduce_router_stats
+
+            stats = reduce_router_stats(stats, self.sp_group)
         term, parts = self.loss(stats, self.num_experts, self.global_tokens)
+        if self.sp_size > 1:
+            term = term / self.sp_size
         with torch.no_grad():
             n = sum(s.n_tokens for s in stats) / len(stats)  # this micro-batch's valid tokens
             sums = torch.stack([parts["aux"] * n, parts["z"] * n]).float()
             counts = torch.stack([s.counts for s in stats]).float()
+            if self.sp_rank != 0:  # every sp rank holds the pooled numbers: count them once
+                sums, counts = torch.zeros_like(sums), torch.zeros_like(counts)
             self._sums = sums if self._sums is None else self._sums + sums
             self._counts = counts if self._counts is None else self._counts + counts
         return term if (self.loss.aux_coef or self.loss.z_coef) else None
 
     def local_sums(self) -> torch.Tensor:
-        """This rank's [aux*n, z*n, counts...] (flat fp32), to be summed over ranks."""
+        """This rank's [aux*n, z*n, counts...] (flat fp32), to be summed over all ranks ('world')."""
         if self._sums is None:
             raise RuntimeError("MoETerms.local_sums before any micro-batch was added")
         return torch.cat([self._sums, self._counts.reshape(-1)])

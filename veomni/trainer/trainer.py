@@ -7,8 +7,10 @@ One step, in order (each numbered comment below matches):
   3. count the loss tokens and the valid tokens of all micro-batches on all ranks (one all-reduce)
      -> global denominators;
   4. forward with the loss computed inside the model (head only at loss positions), plus for MoE
-     models the router losses' share (veomni/trainer/moe_terms.py), backward `share * dp_size`
-     (DDP/FSDP average gradients over ranks; see docs/training.md);
+     models the router losses' share (veomni/trainer/moe_terms.py), backward `share * dp_size * sp_size`
+     (DDP/FSDP average gradients over ranks; see docs/training.md). With Ulysses sequence
+     parallelism every sp rank corrupts the same whole micro-batch and then keeps its slice of the
+     sequence (veomni/distributed/sequence_parallel.py);
   5. clip and step; a step whose loss or gradient norm is not finite is skipped (the weights and
      the optimizer state stay as they were, the skip is logged and counted) and the run stops
      after train.max_consecutive_skips of them in a row; then the schedule;
@@ -73,7 +75,7 @@ class Trainer:
 
         a = self.args
         self.ps = init_parallel_state(dp_mode=a.train.data_parallel, dp_replicate=a.train.dp_replicate,
-                                      ep_size=a.train.expert_parallel_size)
+                                      ep_size=a.train.expert_parallel_size, sp_size=a.train.ulysses_parallel_size)
         setup_console_logging(self.ps.rank)
         from veomni.trainer.run_guard import watch_launcher
 
@@ -86,7 +88,7 @@ class Trainer:
         self.tokenizer, self.model = self._build_model()
         from veomni.trainer.moe_terms import MoETerms
 
-        self.moe = MoETerms.build(a.train, self.model)  # None for dense models (refuses router coefs)
+        self.moe = MoETerms.build(a.train, self.model, self.ps)  # None for dense models (refuses router coefs)
         self.mask_token_id = self.model.config.mask_token_id
         self._build_data()
         self._build_objective()
@@ -270,7 +272,7 @@ class Trainer:
             for p in self.model.parameters():
                 local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2: this rank's shard
                 bad += int(not bool(torch.isfinite(local).all()))
-        return self.ps.all_reduce_sum(torch.tensor(float(bad), device=self.ps.device)).item() == 0
+        return self.ps.all_reduce_sum(torch.tensor(float(bad), device=self.ps.device), "world").item() == 0
 
     def save(self) -> None:
         from veomni.checkpoint import save_checkpoint
@@ -300,6 +302,14 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.ps.device, non_blocking=True) for k, v in batch.items()}
 
+    def _forward(self, mb: dict, corr, denom):
+        """The model call of one micro-batch with its loss inside; under sequence parallelism on this
+        rank's slice of the sequence (inputs and loss rows sliced alike, after the corruption)."""
+        from veomni.distributed.sequence_parallel import sp_shard
+
+        inputs, rows = sp_shard(self.objective.model_inputs(mb, corr), self.objective.scored_rows(corr), self.ps)
+        return self.model(**inputs, loss_fn=self.objective.loss_fn(corr, denom, rows=rows))
+
     def _next_batch(self) -> dict:
         if self._iter is not None:
             batch = next(self._iter, None)
@@ -318,7 +328,8 @@ class Trainer:
         # The noise of a micro-batch is keyed by its index in the global batch
         # (micro_step * dp_size + dp_rank: the loader hands rank r the r-th slice of each global
         # micro-batch). So 1 process x 2 accumulation steps draws exactly the noise of 2 processes,
-        # and a resume on another world size keeps the noise of every sample.
+        # and a resume on another world size keeps the noise of every sample. The sp ranks of a
+        # group share dp_rank: they draw the same noise for the same rows.
         corrs = [self.objective.prepare(mb, make_generator(a.train.seed, self.step, 0,
                                                            i * self.ps.dp_size + self.ps.dp_rank))
                  for i, mb in enumerate(micro)]  # 2.
@@ -326,7 +337,7 @@ class Trainer:
         # fp64: token counts of large global batches stay exact.
         local = torch.tensor([float(sum(self.objective.num_loss_tokens(c) for c in corrs)), float(tokens)],
                              dtype=torch.float64, device=self.ps.device)
-        global_denom, global_tokens = self.ps.all_reduce_sum(local).tolist()  # 3.
+        global_denom, global_tokens = self.ps.all_reduce_sum(local).tolist()  # 3. (over dp: sp ranks share rows)
         moe = self.moe
         if moe is not None:
             moe.start_step(global_tokens)  # the router losses are means over all valid tokens
@@ -336,19 +347,19 @@ class Trainer:
         for i, (mb, corr) in enumerate(zip(micro, corrs)):  # 4.
             sync = self.ps.no_sync(self.model) if i < len(micro) - 1 else contextlib.nullcontext()
             with sync, self._autocast():
-                out = self.model(**self.objective.model_inputs(mb, corr),
-                                 loss_fn=self.objective.loss_fn(corr, global_denom))
+                out = self._forward(mb, corr, global_denom)
                 total = out.loss
                 if moe is not None:  # the router sees every valid token, masked and clean
                     term = moe.add(out.router_stats)
                     total = total if term is None else total + term
-                (total * self.ps.dp_size).backward()
+                (total * self.ps.grad_average_size).backward()
             loss_sum += out.loss.detach()  # `loss` stays the diffusion / CE loss, comparable with dense runs
+        # Every rank (dp x sp) holds a share of the loss: sum over all of them.
         moe_metrics = {}
         if moe is None:
-            loss = self.ps.all_reduce_sum(loss_sum).item()
+            loss = self.ps.all_reduce_sum(loss_sum, "world").item()
         else:  # one all-reduce for the loss and the router sums
-            sums = self.ps.all_reduce_sum(torch.cat([loss_sum.reshape(1).float(), moe.local_sums()]))
+            sums = self.ps.all_reduce_sum(torch.cat([loss_sum.reshape(1).float(), moe.local_sums()]), "world")
             loss, moe_metrics = sums[0].item(), moe.metrics(sums[1:])
         from veomni.distributed import clip_grad_norm_
 
@@ -372,7 +383,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         self.tokens_seen += int(global_tokens)
-        flops = self._step_flops(micro, corrs)
+        # This rank's share of the work: the sp ranks of a group split every micro-batch.
+        flops = self._step_flops(micro, corrs) / self.ps.sp_size
+        tokens = tokens / self.ps.sp_size
         return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "flops": flops,
                 "skipped": int(skipped), "moe": moe_metrics}
 
@@ -420,12 +433,12 @@ class Trainer:
             # evaluation scores the same corruption, so the curve measures the model, not the dice.
             corr = self.objective.prepare(batch, make_generator(self.args.train.seed + 1, 0, 0,
                                                                 i * self.ps.dp_size + self.ps.dp_rank))
-            n = self.objective.num_loss_tokens(corr)
+            # The token count once per sp group (its ranks hold the same rows), the loss from every rank.
+            n = self.objective.num_loss_tokens(corr) if self.ps.sp_rank == 0 else 0
             with self._autocast():
-                out = self.model(**self.objective.model_inputs(batch, corr),
-                                 loss_fn=self.objective.loss_fn(corr, 1.0))
+                out = self._forward(batch, corr, 1.0)
             total += torch.tensor([float(out.loss), float(n)], device=self.ps.device)
-        total = self.ps.all_reduce_sum(total)
+        total = self.ps.all_reduce_sum(total, "world")
         return {"eval_loss": (total[0] / total[1].clamp(min=1)).item(), "eval_tokens": int(total[1])}
 
     # ------------------------------------------------------------------ loop

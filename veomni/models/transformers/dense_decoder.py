@@ -170,6 +170,11 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
+    # Set from outside by Ulysses sequence parallelism (veomni/distributed/sequence_parallel.py):
+    # called as sequence_parallel(self, q, k, v, ctx) on this rank's slice of the sequence; it runs
+    # self.attend over the whole sequence on a block of the heads.
+    sequence_parallel = None
+
     def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
         self.layer_idx = layer_idx
@@ -191,6 +196,10 @@ class Attention(nn.Module):
         """[B, S, H, D] queries and an output gate (None here; Qwen3.5's gated attention has one)."""
         return self.q_proj(x).view(*x.shape[:2], self.num_heads, self.head_dim), None
 
+    def attend(self, q, k, v, ctx: LayerContext) -> torch.Tensor:
+        """The token mixing: q [B, H, S, D], k/v [B, Hkv, S, D] -> [B, H, S, D] under ctx's mask."""
+        return attention(q, k, v, ctx.meta, ctx.impl, self.scaling)
+
     def forward(self, x, ctx: LayerContext):
         bsz, slen, _ = x.shape
         q, gate = self.project_q(x)
@@ -202,7 +211,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v, ctx.cache_position)
-        out = attention(q, k, v, ctx.meta, ctx.impl, self.scaling).transpose(1, 2).reshape(bsz, slen, -1)
+        if self.sequence_parallel is None:
+            out = self.attend(q, k, v, ctx)
+        else:
+            out = self.sequence_parallel(self, q, k, v, ctx)
+        out = out.transpose(1, 2).reshape(bsz, slen, -1)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)

@@ -94,6 +94,10 @@ def gdn_segments(ctx) -> GDNSegments:
 
 class GatedDeltaNet(nn.Module):
     impl: str = "torch"  # the op switch model.ops.gdn (veomni/ops/registry.py)
+    # Set from outside by Ulysses sequence parallelism (veomni/distributed/sequence_parallel.py):
+    # called as sequence_parallel(self, qkv, g, beta, ctx) on this rank's slice of the sequence; it
+    # runs self.mix over the whole sequence on a block of the heads.
+    sequence_parallel = None
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -131,17 +135,50 @@ class GatedDeltaNet(nn.Module):
         self.norm.weight.fill_(1.0)
         self.reverse_gate.zero_()
 
-    def _scan(self, qkv, g, beta, cu_seqlens):
-        """conv + SiLU, split, L2-normalised chunked delta rule over the segments of cu_seqlens."""
+    def _scan(self, qkv, g, beta, cu_seqlens, weight, nk: int, nv: int):
+        """conv + SiLU, split, L2-normalised chunked delta rule over the segments of cu_seqlens, for
+        nk key heads and nv value heads (all of them, or one block under sequence parallelism)."""
         impl = check_gdn_impl(self.impl)
         bsz, slen, _ = qkv.shape
-        mixed = causal_conv1d(qkv, self.conv1d.weight.squeeze(1), cu_seqlens=cu_seqlens, activation="silu",
-                              impl=impl)
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(bsz, slen, self.num_k_heads, self.head_k_dim)
-        k = k.reshape(bsz, slen, self.num_k_heads, self.head_k_dim)
-        v = v.reshape(bsz, slen, self.num_v_heads, self.head_v_dim)
+        mixed = causal_conv1d(qkv, weight, cu_seqlens=cu_seqlens, activation="silu", impl=impl)
+        kd = nk * self.head_k_dim
+        q, k, v = mixed.split([kd, kd, nv * self.head_v_dim], dim=-1)
+        q = q.reshape(bsz, slen, nk, self.head_k_dim)
+        k = k.reshape(bsz, slen, nk, self.head_k_dim)
+        v = v.reshape(bsz, slen, nv, self.head_v_dim)
         o, _ = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, use_qk_l2norm=True, impl=impl)
+        return o
+
+    def head_block_channels(self, block: int, num_blocks: int) -> torch.Tensor:
+        """Indices of the [q | k | v] conv channels of head block `block` of `num_blocks` (key and
+        value heads split alike, so each q/k head keeps its value heads)."""
+        kd, vd = self.key_dim // num_blocks, self.value_dim // num_blocks
+        dev = self.conv1d.weight.device
+        return torch.cat([torch.arange(block * kd, (block + 1) * kd, device=dev),
+                          self.key_dim + torch.arange(block * kd, (block + 1) * kd, device=dev),
+                          2 * self.key_dim + torch.arange(block * vd, (block + 1) * vd, device=dev)])
+
+    def mix(self, qkv, g, beta, ctx, heads=None) -> torch.Tensor:
+        """The token mixing over the whole sequence: conv and scans -> o [B, S, heads, head_v_dim].
+
+        qkv [B, S, conv channels], g/beta [B, S, value heads]. heads=(block, num_blocks) computes only
+        that block of the heads (qkv then holds the [q | k | v] channels of head_block_channels, g/beta
+        its value heads): the conv weight and the reverse gate are sliced to it."""
+        weight, gate = self.conv1d.weight.squeeze(1), self.reverse_gate
+        nk, nv = self.num_k_heads, self.num_v_heads
+        if heads is not None:
+            block, num_blocks = heads
+            nk, nv = nk // num_blocks, nv // num_blocks
+            weight = weight[self.head_block_channels(block, num_blocks)]
+            gate = gate[block * nv:(block + 1) * nv]
+        seg = ctx.remember("gdn_segments", lambda: gdn_segments(ctx))
+        o = self._scan(qkv, g, beta, seg.fwd, weight, nk, nv)
+        if seg.rev is not None:
+            def flip(t):
+                return reverse_segments(t, seg.rev)
+
+            o_rev = flip(self._scan(flip(qkv), flip(g), flip(beta), seg.rev, weight, nk, nv))
+            o = o + gate.to(o.dtype)[:, None] * o_rev
         return o
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
@@ -156,14 +193,10 @@ class GatedDeltaNet(nn.Module):
         if ctx.cache is not None:
             o = self._cached(qkv, g, beta, ctx)
             return self.out_proj(self.norm(o, z).reshape(bsz, slen, self.value_dim))
-        seg = ctx.remember("gdn_segments", lambda: gdn_segments(ctx))
-        o = self._scan(qkv, g, beta, seg.fwd)
-        if seg.rev is not None:
-            def flip(t):
-                return reverse_segments(t, seg.rev)
-
-            o_rev = flip(self._scan(flip(qkv), flip(g), flip(beta), seg.rev))
-            o = o + self.reverse_gate.to(o.dtype)[:, None] * o_rev
+        if self.sequence_parallel is None:
+            o = self.mix(qkv, g, beta, ctx)
+        else:
+            o = self.sequence_parallel(self, qkv, g, beta, ctx)
         o = self.norm(o, z).reshape(bsz, slen, self.value_dim)
         return self.out_proj(o)
 
