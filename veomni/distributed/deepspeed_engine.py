@@ -59,6 +59,14 @@ _OWNED_EXTRA = ("optimizer", "scheduler", "fp16", "amp", "torch_autocast", "mana
                 "zero_force_ds_cpu_optimizer")
 
 
+TESTED_VERSIONS = ((0, 19), (0, 20))  # [low, high): as setup.py's extra
+_WARNED: list = []
+
+
+def _dotted(version) -> str:
+    return ".".join(map(str, version))
+
+
 def import_deepspeed():
     """`deepspeed`, set up for torch optimizers and torch.distributed collectives; ImportError with
     the install line when it is missing."""
@@ -68,6 +76,17 @@ def import_deepspeed():
     except ImportError as exc:
         raise ImportError(f"train.data_parallel=deepspeed needs the deepspeed package: {INSTALL_HINT}. "
                           f"({type(exc).__name__}: {exc})") from exc
+    version = tuple(int(x) for x in deepspeed.__version__.split(".")[:2] if x.isdigit())
+    if version < TESTED_VERSIONS[0]:
+        # 0.18.0 summed ZeRO-2 gradients wrongly under a caller-set accumulation boundary: the run
+        # would train, on wrong gradients.
+        raise ImportError(f"deepspeed {deepspeed.__version__} is older than {_dotted(TESTED_VERSIONS[0])}, which "
+                          f"veomni needs (ZeRO-2 gradient accumulation); upgrade: {INSTALL_HINT}")
+    if version >= TESTED_VERSIONS[1] and not _WARNED:
+        _WARNED.append(True)
+        logger.warning("deepspeed %s is newer than the versions veomni was tested with (< %s): run "
+                       "tests/distributed/test_deepspeed*.py before trusting it", deepspeed.__version__,
+                       _dotted(TESTED_VERSIONS[1]))
     # DeepSpeed's comm layer JIT-compiles a shared-memory all-reduce (C++ via ninja) the first time
     # it starts on CPU; without a compiler set up for it that hangs or fails the launch. gloo does
     # the collectives instead.
