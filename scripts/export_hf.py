@@ -44,13 +44,13 @@ def _resolved_config(ckpt: Path, explicit: Optional[str]) -> Optional[dict]:
 
 def _deepspeed_state_dict(ckpt: Path):
     """fp32 master weights of a data_parallel=deepspeed checkpoint (its ds/ folder), one process, CPU."""
-    from veomni.distributed.deepspeed_engine import DS_TAG, import_deepspeed
+    from veomni.distributed.deepspeed_engine import DS_TAG, import_deepspeed, strip_wrapper_names
 
     import_deepspeed()  # ImportError with the install line when missing
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
-    return {k: v.float() for k, v in sd.items()}
+    return {strip_wrapper_names(k): v.float() for k, v in sd.items()}  # saved under activation checkpointing
 
 
 def load_checkpoint_model(ckpt: Path, attn_impl: str = "sdpa"):

@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO-2/3 on 2 ranks (gloo, CPU fp32) == 1 process, through veomni.distributed's step API.
 
-One spawn trains ZeRO-2, ZeRO-2 + CPU optimizer offload and ZeRO-3 (every parameter really
-partitioned: stage3_param_persistence_threshold=0) with gradient accumulation x2 and active
-clipping, on the same loop as tests/distributed/test_equivalence.py. Then, on the trained ZeRO-3
+One spawn trains ZeRO-2, ZeRO-2 + CPU optimizer offload, ZeRO-3 and ZeRO-3 + CPU offload + activation
+checkpointing (every ZeRO-3 parameter really partitioned: stage3_param_persistence_threshold=0) with
+gradient accumulation x2 and active clipping, on the same loop as tests/distributed/test_equivalence.py. Then, on the trained ZeRO-3
 engine: skipped steps (finite and NaN gradients) leave weights and Adam state untouched and do not
 leak into the next step; a checkpoint is saved (DeepSpeed shards inside our layout), exported
 offline by scripts/export_hf.py, and refused by an engine of another ZeRO stage.
@@ -74,7 +74,8 @@ def _worker(out_dir):
         rows = [slice(ps.dp_rank * half + i, ps.dp_rank * half + i + 1) for i in range(half)]  # accumulation x2
         opts = DeepSpeedOptions(zero_stage=stage, offload_optimizer=offload, micro_batch_size=1, grad_accum=len(rows),
                                 max_grad_norm=0.5, config_file=str(extra))
-        model = parallelize(tiny_model(tied=stage == 3), ps, {"deepspeed": opts})
+        ac = name == "zero3_offload"  # activation checkpointing rides along: same numbers expected
+        model = parallelize(tiny_model(tied=stage == 3), ps, {"deepspeed": opts, "gradient_checkpointing": ac})
         opt, sched = make_optim(model)
         opt = bind_optimizer(model, opt)
         inner = model.module

@@ -360,6 +360,7 @@ class DeepSpeedModel(nn.Module):
         from deepspeed.utils import safe_get_full_fp32_param
 
         self._engine()
+        clean = strip_wrapper_names
         main = self.ps.is_main
         out: Dict[str, torch.Tensor] = {}
         seen: Dict[int, str] = {}
@@ -379,7 +380,7 @@ class DeepSpeedModel(nn.Module):
             for name, buf in mod.named_buffers(recurse=False):
                 if name not in mod._non_persistent_buffers_set and main:
                     out[f"{mod_name}.{name}" if mod_name else name] = buf.detach().cpu().clone()
-        return out
+        return {clean(k): v for k, v in out.items()}
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save_shards(self, directory: Path) -> None:
@@ -408,6 +409,13 @@ class DeepSpeedModel(nn.Module):
 
     def manifest_fields(self) -> Dict[str, Any]:
         return {"engine": "deepspeed", "zero_stage": self.zero_stage}
+
+
+def strip_wrapper_names(name: str) -> str:
+    """A parameter name without activation checkpointing's wrapper level (HF/DCP keys never have it)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+
+    return name.replace(_CHECKPOINT_PREFIX, "")
 
 
 def _gather_frozen(p: torch.nn.Parameter) -> torch.Tensor:

@@ -56,9 +56,10 @@ class ParallelizeConfig:
         model.gradient_checkpointing."""
         from .deepspeed_engine import deepspeed_options
 
-        return cls(dp_mode=args.train.data_parallel, mixed_precision=args.train.mixed_precision,
-                   gradient_checkpointing=args.model.gradient_checkpointing,
-                   deepspeed=deepspeed_options(args.train, args.train.grad_accum_steps))
+        t = args.train
+        ds = deepspeed_options(t, t.grad_accum_steps) if t.data_parallel == "deepspeed" else None  # after resolve_batch
+        return cls(dp_mode=t.data_parallel, mixed_precision=t.mixed_precision,
+                   gradient_checkpointing=args.model.gradient_checkpointing, deepspeed=ds)
 
 
 def _as_config(cfg: Union[ParallelizeConfig, Mapping[str, Any], None]) -> ParallelizeConfig:
