@@ -2,10 +2,11 @@
 
 One spawn trains ZeRO-2, ZeRO-2 + CPU optimizer offload, ZeRO-3 and ZeRO-3 + CPU offload + activation
 checkpointing (every ZeRO-3 parameter really partitioned: stage3_param_persistence_threshold=0) with
-gradient accumulation x2 and active clipping, on the same loop as tests/distributed/test_equivalence.py. Then, on the trained ZeRO-3
-engine: skipped steps (finite and NaN gradients) leave weights and Adam state untouched and do not
-leak into the next step; a checkpoint is saved (DeepSpeed shards inside our layout), exported
-offline by scripts/export_hf.py, and refused by an engine of another ZeRO stage.
+gradient accumulation x2 and active clipping, on the same loop as tests/distributed/test_equivalence.py.
+Then, on the trained ZeRO-3 engine: skipped steps (finite and NaN gradients) leave weights and Adam
+state untouched and do not leak into the next step; a checkpoint is saved (DeepSpeed shards inside
+our layout), exported offline by scripts/export_hf.py, and refused by an engine of another ZeRO
+stage.
 """
 import importlib.util
 import json

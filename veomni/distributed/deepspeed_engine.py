@@ -97,8 +97,9 @@ def import_deepspeed():
     if not any(isinstance(f, _KnownOutputFilter) for f in ds_logger.filters):
         ds_logger.addFilter(_KnownOutputFilter())
     # DeepSpeed calls torch's old collective names; torch warns on every call.
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     return deepspeed
 
 
