@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-3 through the real trainer (torchrun, gloo, CPU fp32, packing, accumulation x2).
 
-* ZeRO-3 on 2 processes equals FSDP2 on 2 processes: losses, gradient norms and the exported weights
-  of 4 steps, within 1e-5 (every parameter partitioned: stage3_param_persistence_threshold=0 through
+* ZeRO-3 on 2 processes equals FSDP2 on 2 processes: losses, gradient norms, held-out eval losses
+  and the exported weights of 4 steps, within 1e-5 (every parameter partitioned: stage3_param_persistence_threshold=0 through
   train.deepspeed_config).
 * The same ZeRO-3 command, SIGKILLed right after its step-2 checkpoint and re-run unchanged, continues
   bit for bit: metrics and exported weights identical to the uninterrupted run.
@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from tests.trainer.conftest import tiny_corpus, tiny_model_dir  # noqa: F401  (fixtures, used by name)
-from tests.trainer.test_train_e2e import _args, _run
+from tests.trainer.test_train_e2e import EVAL, _args, _eval_metrics, _run
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (DS_BUILD_OPS=0 pip install -e '.[deepspeed]')")
 pytestmark = pytest.mark.dist
 ATOL = 1e-5
 STEPS = ("--train.max_steps=4", "--train.save_steps=2", "--train.export_hf=true", "--data.packing=true",
-         "--train.global_batch_size=8", "--train.max_grad_norm=5")  # 2 ranks x 2 micro-batches of 2
+         "--train.global_batch_size=8", "--train.max_grad_norm=5", *EVAL)  # 2 ranks x 2 micro-batches of 2
 
 
 def _metrics(out):
@@ -56,6 +56,9 @@ def test_zero3_equals_fsdp2(runs):
         for key in ("loss", "grad_norm"):
             assert abs(ra[key] - rb[key]) <= ATOL * max(1.0, abs(ra[key])), (key, ra, rb)
         assert ra["lr"] == rb["lr"] and ra["tokens_seen"] == rb["tokens_seen"]
+    ea, eb = _eval_metrics(runs["fsdp2"]), _eval_metrics(runs["zero3"])
+    assert [r["step"] for r in ea] == [r["step"] for r in eb] == [0, 2, 4]
+    assert all(abs(x["eval_loss"] - y["eval_loss"]) <= ATOL * x["eval_loss"] for x, y in zip(ea, eb)), (ea, eb)
     assert any(r["grad_norm"] > 5 for r in a) and abs(a[-1]["loss"] - a[0]["loss"]) > 1e-3  # clipped, trained
     wa, wb = _weights(runs["fsdp2"] / "hf"), _weights(runs["zero3"] / "hf")
     assert set(wa) == set(wb)
@@ -71,6 +74,7 @@ def test_sigkill_and_resume_is_bit_exact(runs):
     for a, b in zip(straight, resumed):  # bitwise: same data, noise, RNG, optimizer shards
         for key in ("loss", "grad_norm", "lr", "tokens_seen"):
             assert a[key] == b[key], (key, a, b)
+    assert _eval_metrics(runs["killed"]) == _eval_metrics(runs["zero3"])
     wa, wb = _weights(runs["zero3"] / "hf"), _weights(runs["killed"] / "hf")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ckpt = runs["killed"] / "checkpoints" / "global_step_4"
