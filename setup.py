@@ -21,7 +21,10 @@ install_requires = [
 
 extras_require = {
     "gpu": ["flash-attn", "liger-kernel", "triton"],
-    "deepspeed": ["deepspeed"],
+    # DeepSpeed ZeRO-2/3 (train.data_parallel=deepspeed). Install with DS_BUILD_OPS=0 (no C++/CUDA ops
+    # are built; scripts/setup.sh does it). 0.18.0 mis-accumulated ZeRO-2 gradients with a caller-set
+    # accumulation boundary (tests/distributed/test_deepspeed.py catches it); tested 0.19.0 and 0.19.8.
+    "deepspeed": ["deepspeed>=0.19,<0.20"],
     "quant": ["bitsandbytes", "peft"],
     "eval": ["lm-eval"],
     "wandb": ["wandb"],

@@ -5,7 +5,8 @@
 
 The model is rebuilt from the checkpoint's model_config.json (written by save_checkpoint, so an
 added mask token / resized vocabulary is already in it) and only the model part of the checkpoint
-is read: no GPU, no process group, any number of ranks may have saved it. The tokenizer comes from
+is read: no GPU, no process group, any number of ranks may have saved it (a data_parallel=deepspeed
+checkpoint is merged from its ZeRO shards by DeepSpeed's zero_to_fp32). The tokenizer comes from
 --tokenizer, else from model.tokenizer_path of the resolved config (--config, else the copy inside
 the checkpoint, else <run>/resolved_config.yaml).
 """
@@ -41,12 +42,23 @@ def _resolved_config(ckpt: Path, explicit: Optional[str]) -> Optional[dict]:
     return data
 
 
+def _deepspeed_state_dict(ckpt: Path):
+    """fp32 master weights of a data_parallel=deepspeed checkpoint (its ds/ folder), one process, CPU."""
+    from veomni.distributed.deepspeed_engine import DS_TAG, import_deepspeed, strip_wrapper_names
+
+    import_deepspeed()  # ImportError with the install line when missing
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+    return {strip_wrapper_names(k): v.float() for k, v in sd.items()}  # saved under activation checkpointing
+
+
 def load_checkpoint_model(ckpt: Path, attn_impl: str = "sdpa"):
     """Our model with the weights stored in a DCP checkpoint directory (CPU, fp32 master weights)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    from veomni.checkpoint.dcp import CheckpointError, run_dcp, verify_checkpoint
+    from veomni.checkpoint.dcp import CheckpointError, read_manifest, run_dcp, verify_checkpoint
     from veomni.checkpoint.export import build_plain_model
     from veomni.models.registry import build_model, get_spec
 
@@ -59,6 +71,8 @@ def load_checkpoint_model(ckpt: Path, attn_impl: str = "sdpa"):
                                 "HF config, so its architecture cannot be rebuilt here.")
     model_type = json.loads(cfg_file.read_text())["model_type"]
     config = get_spec(model_type).config_class.from_json_file(str(cfg_file))
+    if read_manifest(ckpt).get("engine") == "deepspeed":
+        return build_plain_model(config, _deepspeed_state_dict(ckpt), attn_impl=attn_impl)
     with torch.device("meta"):
         shapes = build_model(config, attn_impl=attn_impl).state_dict()
     meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata

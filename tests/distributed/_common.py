@@ -82,7 +82,7 @@ def train(model, opt, sched, ps, ids, labels, rows, steps, max_norm: float = 0.5
     """`steps` optimizer steps over (ids, labels)[step]; this rank takes `rows` (a list of row
     slices = its micro-batches). sync_last_only: gradient communication only on the last
     micro-batch (no_grad_sync). Returns (global losses, grad norms)."""
-    from veomni.distributed import clip_grad_norm_, loss_scale_for_grad_averaging
+    from veomni.distributed import backward, clip_grad_norm_, loss_scale_for_grad_averaging
 
     scale = loss_scale_for_grad_averaging(ps)
     losses, norms = [], []
@@ -100,7 +100,7 @@ def train(model, opt, sched, ps, ids, labels, rows, steps, max_norm: float = 0.5
 
             with ps.no_sync(model, skip=sync_last_only and i < len(rows) - 1):
                 out = model(input_ids=ids[s, r], attn_mode="bidirectional", loss_fn=loss_fn)
-                (out.loss * scale).backward()  # DDP/FSDP average over ranks; scale makes it the sum
+                backward(model, out.loss * scale)  # DDP/FSDP/ZeRO average over ranks; scale makes it the sum
             total += out.loss.detach().double()
         losses.append(float(ps.all_reduce_sum(total)))
         norms.append(clip_grad_norm_(model, max_norm))

@@ -4,6 +4,8 @@ Layout (docs/parallelism.md has the full rules):
 
     <output_dir>/checkpoints/global_step_<N>/
         .metadata, __<r>_0.distcp      DCP: model + optimizer, sharded by the saving ranks
+        ds/                             instead of the DCP files under data_parallel=deepspeed:
+                                        DeepSpeed's model + ZeRO optimizer shards
         scheduler.pt                    lr scheduler state_dict (main rank)
         dataloader.json                 loader state of the main rank (global-sample based)
         train_state.json                step, tokens_seen, epoch, ... (main rank)
@@ -163,6 +165,35 @@ def _dump_json(obj: Dict, name: str) -> str:
         raise TypeError(f"{name} cannot be stored as JSON: {exc}") from None
 
 
+def _deepspeed(model) -> bool:
+    from veomni.distributed.deepspeed_engine import is_deepspeed
+
+    return is_deepspeed(model)
+
+
+def _check_engine(path: Path, manifest: Dict[str, Any], model, ps) -> None:
+    """A DeepSpeed checkpoint resumes only under DeepSpeed with the same stage and world size, a DCP
+    one only without DeepSpeed: a ValueError (a setting to fix, not damage to fall back from)."""
+    saved_ds = manifest.get("engine") == "deepspeed"
+    export = f"python scripts/export_hf.py --checkpoint {path} --out DIR"
+    if saved_ds and not _deepspeed(model):
+        raise ValueError(
+            f"{path} was saved by DeepSpeed ZeRO-{manifest.get('zero_stage')} on {manifest['world_size']} "
+            f"process(es); resume it with train.data_parallel=deepspeed, train.zero_stage="
+            f"{manifest.get('zero_stage')} on as many processes, or export it ({export}) and start from "
+            "the HF directory.")
+    if not saved_ds and _deepspeed(model):
+        raise ValueError(
+            f"{path} is a DCP checkpoint (data_parallel={manifest.get('dp_mode')}); DeepSpeed cannot load it. "
+            f"Resume with that data_parallel mode, or export it ({export}) and start from the HF directory.")
+    if saved_ds and (manifest["world_size"] != ps.world_size or manifest.get("zero_stage") != model.zero_stage):
+        raise ValueError(
+            f"{path} holds DeepSpeed ZeRO-{manifest.get('zero_stage')} shards of {manifest['world_size']} "
+            f"process(es); this run is ZeRO-{model.zero_stage} on {ps.world_size}. DeepSpeed checkpoints resume "
+            f"on the same stage and number of processes; otherwise export it ({export}) and start from the "
+            "HF directory.")
+
+
 def _state_dicts(model, optimizer, options=None) -> Dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
@@ -200,7 +231,10 @@ def save_checkpoint(output_dir: PathLike, step: int, model, optimizer=None, sche
     tmp.mkdir(parents=True, exist_ok=True)
 
     # Model + optimizer: every rank writes its shards (DCP coordinates and propagates errors).
-    run_dcp(dcp.save, _state_dicts(model, optimizer), checkpoint_id=str(tmp))
+    if _deepspeed(model):
+        model.save_shards(tmp)  # DeepSpeed's own format, under tmp/ds/
+    else:
+        run_dcp(dcp.save, _state_dicts(model, optimizer), checkpoint_id=str(tmp))
 
     error = None
     try:
@@ -241,6 +275,8 @@ def save_checkpoint(output_dir: PathLike, step: int, model, optimizer=None, sche
                 "unix_time": time.time(), "has_optimizer": optimizer is not None,
                 "has_scheduler": scheduler is not None, "files": files,
             }
+            if _deepspeed(model):
+                manifest.update(model.manifest_fields())  # engine: deepspeed, zero_stage
             _write_text_atomic(tmp / MARKER, json.dumps(manifest, indent=2, sort_keys=True))
             _fsync_dir(tmp)
             _publish(tmp, final)
@@ -295,7 +331,10 @@ def _manifest_or_reason(path: Path) -> Tuple[Optional[Dict[str, Any]], Optional[
         manifest["files"].items()
     except (ValueError, KeyError, AttributeError, TypeError) as exc:
         return None, f"{MARKER} is not a valid manifest ({type(exc).__name__}: {exc})"
-    if ".metadata" not in manifest["files"]:
+    if manifest.get("engine") == "deepspeed":
+        if not any(name.startswith("ds/") for name in manifest["files"]):
+            return None, "the manifest lists no DeepSpeed files (ds/)"
+    elif ".metadata" not in manifest["files"]:
         return None, "the manifest lists no DCP .metadata file"
     return manifest, None
 
@@ -396,20 +435,29 @@ def load_checkpoint(path: PathLike, model, optimizer=None, scheduler=None, paral
         raise ValueError(f"{path} was saved without an optimizer state; pass optimizer=None to load the model only.")
     if scheduler is not None and not manifest.get("has_scheduler"):
         raise ValueError(f"{path} was saved without a scheduler state; pass scheduler=None.")
+    _check_engine(path, manifest, model, ps)
 
     from torch.distributed.checkpoint.api import CheckpointException
 
-    state = _state_dicts(model, optimizer)
-    try:
-        run_dcp(dcp.load, state, checkpoint_id=str(path))
-    # DCP raises the same CheckpointException on every rank; it derives from BaseException, so an
-    # `except Exception` alone would let it through and skip the fallback.
-    except (Exception, CheckpointException) as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: DCP could not load model/optimizer: {exc}") from exc
-    if optimizer is None:
-        set_model_state_dict(model, state["model"])
+    if _deepspeed(model):
+        error = None
+        try:
+            model.load_shards(path)  # model + optimizer, DeepSpeed's format
+        except Exception as exc:  # noqa: BLE001 - the same CheckpointError on every rank below
+            error = f"rank {ps.rank}: DeepSpeed could not load model/optimizer: {type(exc).__name__}: {exc}"
+        _agree(ps, error, str(path))
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        state = _state_dicts(model, optimizer)
+        try:
+            run_dcp(dcp.load, state, checkpoint_id=str(path))
+        # DCP raises the same CheckpointException on every rank; it derives from BaseException, so an
+        # `except Exception` alone would let it through and skip the fallback.
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001
+            raise CheckpointError(f"{path}: DCP could not load model/optimizer: {exc}") from exc
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     error, loader_state, train_state = None, None, None
     try:

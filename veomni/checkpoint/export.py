@@ -18,9 +18,13 @@ logger = logging.getLogger(__name__)
 
 
 def gather_full_state_dict(model, parallel_state=None) -> Dict[str, torch.Tensor]:
-    """Full fp32 CPU state dict on the main rank ({} on the others). Collective for FSDP2."""
+    """Full fp32 CPU state dict on the main rank ({} on the others). Collective for FSDP2 and DeepSpeed."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from veomni.distributed.deepspeed_engine import is_deepspeed
+
+    if is_deepspeed(model):  # fp32 master weights, ZeRO partitions gathered parameter by parameter
+        return model.full_state_dict()
     if parallel_state is None or not parallel_state.distributed:
         return {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
     # full_state_dict + cpu_offload: shards are all-gathered one tensor at a time and only rank 0
@@ -53,7 +57,7 @@ def build_plain_model(config, state_dict: Dict[str, torch.Tensor], attn_impl: st
 def export_hf(model, out_dir: Union[str, os.PathLike], tokenizer=None, parallel_state=None,
               dtype: Optional[Union[str, torch.dtype]] = None,
               max_shard_size: Union[int, str] = "2GB") -> Optional[Path]:
-    """Write an HF directory (config.json, safetensors, tokenizer) from a plain/DDP/FSDP2 model.
+    """Write an HF directory (config.json, safetensors, tokenizer) from a plain/DDP/FSDP2/DeepSpeed model.
 
     Collective: every rank must call it. Returns the directory on the main rank, None elsewhere.
     dtype: save dtype (None = the master weights' dtype, fp32 in training).

@@ -167,8 +167,9 @@ class TrainArgs:
     noise_per_document: bool = cfg_field(True, help="Draw t per packed document instead of per sequence.")
     mixed_precision: Literal["fp32", "bf16"] = cfg_field(
         "fp32", help="Compute dtype; bf16 keeps fp32 master weights.")
-    data_parallel: Literal["fsdp2", "ddp", "none"] = cfg_field(
-        "fsdp2", help="How parameters are replicated/sharded over ranks.")
+    data_parallel: Literal["fsdp2", "ddp", "none", "deepspeed"] = cfg_field(
+        "fsdp2", help="How parameters are replicated/sharded over ranks; deepspeed = DeepSpeed ZeRO "
+                      "(needs train.zero_stage and the deepspeed extra; docs/parallelism.md).")
     freeze: list[str] = cfg_field([], help="Regexes (re.search) on parameter names to freeze, e.g. "
                                            "[embed_tokens] or embed,lm_head.")
     log_steps: int = cfg_field(1, help="Log metrics every N steps.")
@@ -194,6 +195,16 @@ class TrainArgs:
                 "exchange heads for sequence around each token mixer (all-to-all) and also shard the "
                 "parameters (FSDP over dp x sp). Needs data_parallel=fsdp2; must divide the world size and "
                 "the attention (and gated-DeltaNet) head counts (docs/parallelism.md). 1 = off.")
+    zero_stage: Optional[int] = cfg_field(
+        None, help="DeepSpeed ZeRO stage for data_parallel=deepspeed: 2 = optimizer state and gradients "
+                   "sharded over ranks, 3 = parameters too. Required there, an error otherwise.")
+    offload_optimizer: Literal["none", "cpu"] = cfg_field(
+        "none", help="data_parallel=deepspeed: keep the optimizer state and fp32 master weights in CPU "
+                     "memory and step them there (ZeRO-Offload); none = on the training device.")
+    deepspeed_config: Optional[str] = cfg_field(
+        None, help="data_parallel=deepspeed: a JSON file of extra DeepSpeed config keys (e.g. bucket "
+                   "sizes); keys veomni derives itself (stage, offload, precision, batch, clipping, "
+                   "optimizer, scheduler) are refused.")
     router_aux_loss_coef: Optional[float] = cfg_field(
         None, help="MoE: weight of the router load-balancing loss (Switch Transformer's, pooled over "
                    "layers) added to the training loss; none = the model config's router_aux_loss_coef "
@@ -211,6 +222,7 @@ class TrainArgs:
         _at_least("train.log_steps", self.log_steps, 1)
         _at_least("train.eval_steps", self.eval_steps, 0)
         self._check_moe()
+        self._check_deepspeed()
         # Set by resolve_batch once the data-parallel size is known (not config fields).
         self._auto_global_batch = self.global_batch_size is None
         self._grad_accum_steps: Optional[int] = None
@@ -251,6 +263,27 @@ class TrainArgs:
         _at_least("train.ulysses_parallel_size", self.ulysses_parallel_size, 1)
         _at_least("train.router_aux_loss_coef", self.router_aux_loss_coef, 0.0)
         _at_least("train.router_z_loss_coef", self.router_z_loss_coef, 0.0)
+
+    def _check_deepspeed(self) -> None:
+        if self.data_parallel != "deepspeed":
+            for key, value, unset in (("zero_stage", self.zero_stage, None),
+                                      ("offload_optimizer", self.offload_optimizer, "none"),
+                                      ("deepspeed_config", self.deepspeed_config, None)):
+                _check(value == unset, f"train.{key}={value!r} is a DeepSpeed setting but train.data_parallel="
+                                       f"{self.data_parallel!r}; set train.data_parallel=deepspeed or remove it")
+            return
+        _check(self.zero_stage in (2, 3),
+               f"train.data_parallel=deepspeed needs train.zero_stage=2 (optimizer state and gradients "
+               f"sharded) or 3 (parameters too), got {self.zero_stage!r}")
+        _check(self.expert_parallel_size == 1,
+               f"train.expert_parallel_size={self.expert_parallel_size} does not compose with "
+               "train.data_parallel=deepspeed (experts are FSDP2-sharded); use data_parallel=fsdp2")
+        _check(self.dp_replicate == 1,
+               f"train.dp_replicate={self.dp_replicate} is an FSDP2 (HSDP) setting; DeepSpeed ZeRO shards "
+               "over all ranks: use dp_replicate=1")
+        _check(self.ulysses_parallel_size == 1,
+               f"train.ulysses_parallel_size={self.ulysses_parallel_size} does not compose with "
+               "train.data_parallel=deepspeed (the sp ranks shard parameters through FSDP2); use data_parallel=fsdp2")
 
     def resolve_batch(self, dp_size: int) -> int:
         """Fix the batch geometry for ``dp_size`` data-parallel ranks; return grad_accum_steps.

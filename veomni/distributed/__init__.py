@@ -1,4 +1,4 @@
-"""Parallel state (one DeviceMesh), FSDP2/DDP wrapping, gradient clipping. See docs/parallelism.md.
+"""Parallel state (one DeviceMesh), FSDP2/DDP/DeepSpeed wrapping, gradient clipping. See docs/parallelism.md.
 
 Names are loaded on first use so `import veomni.distributed` does not import torch.distributed.
 """
@@ -16,7 +16,12 @@ _EXPORTS = {
     "autocast_context": "parallelism",
     "clip_grad_norm_": "parallelism",
     "no_grad_sync": "parallelism",
+    "backward": "parallelism",
+    "bind_optimizer": "parallelism",
     "unwrap_model": "utils",
+    "local_shards": "utils",
+    "DeepSpeedOptions": "deepspeed_engine",
+    "deepspeed_options": "deepspeed_engine",
 }
 
 

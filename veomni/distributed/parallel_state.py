@@ -11,8 +11,9 @@ Mesh layout (docs/parallelism.md): dims ``("dp_replicate", "dp_shard", "sp")``, 
 two data dims and is what data loading and token counts use (the ``sp`` ranks of one group read the
 same rows and split each row's sequence: Ulysses sequence parallelism, veomni/distributed/
 sequence_parallel.py). FSDP2 shards over ``dp_shard`` x ``sp`` (the flattened ``"dp_shard_sp"``;
-HSDP when ``dp_replicate > 1``); DDP replicates over all ranks, laid out as ``(world_size, 1, 1)``.
-Nothing else should build meshes or process groups.
+HSDP when ``dp_replicate > 1``); DDP replicates over all ranks, laid out as ``(world_size, 1, 1)``;
+DeepSpeed ZeRO uses the same layout (every rank is a data replica; ZeRO partitions over the whole
+world group itself). Nothing else should build meshes or process groups.
 
 Expert parallelism (``ep_size > 1``, FSDP2 only) adds a second mesh over the same ranks,
 ``("ep_fsdp", "ep")`` with sizes ``(world_size // ep_size, ep_size)`` (VeOmni's shape): experts
@@ -37,7 +38,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-DP_MODES = ("fsdp2", "ddp", "none")
+DP_MODES = ("fsdp2", "ddp", "none", "deepspeed")
 BACKENDS = ("gloo", "nccl")
 
 _STATE: Optional["ParallelState"] = None
@@ -121,11 +122,22 @@ def _dp_layout(dp_mode: str, world_size: int, dp_replicate: int) -> Dict[str, in
                 "would ask for sharding inside replicas. Use dp_mode='fsdp2' for HSDP, or leave "
                 "dp_replicate=1.")
         return {"dp_replicate": world_size, "dp_shard": 1}
+    if dp_mode == "deepspeed":
+        return _deepspeed_layout(world_size, dp_replicate)
     if world_size % dp_replicate != 0:
         raise ValueError(
             f"world size {world_size} is not divisible by dp_replicate={dp_replicate}: HSDP needs "
             "world_size = dp_replicate * dp_shard. Change dp_replicate or the number of processes.")
     return {"dp_replicate": dp_replicate, "dp_shard": world_size // dp_replicate}
+
+
+def _deepspeed_layout(world_size: int, dp_replicate: int) -> Dict[str, int]:
+    # DeepSpeed ZeRO partitions over the default (world) group: every rank reads its own rows, as
+    # with DDP. Its hierarchical variants (ZeRO++ hpZ/MiCS) are not wired to our mesh.
+    if dp_replicate != 1:
+        raise ValueError(f"train.dp_replicate={dp_replicate} is an FSDP2 (HSDP) setting; DeepSpeed ZeRO "
+                         "shards over all ranks. Use dp_replicate=1 with data_parallel=deepspeed.")
+    return {"dp_replicate": world_size, "dp_shard": 1}
 
 
 def _pick_device(device_type: Optional[str], local_rank: int) -> torch.device:

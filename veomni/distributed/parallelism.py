@@ -10,7 +10,8 @@ wraps it in a fixed order, the one torchtitan's `parallelize_<model>` uses:
     3. activation checkpointing  (each decoder block, so the wrapper sits inside the FSDP unit)
     4. (torch.compile: not applied yet)
     5. data parallel             (FSDP2 over dp_shard x sp: each Experts module over ep_fsdp under
-                                  EP, each block, then the root; or DDP around the whole model)
+                                  EP, each block, then the root; or DDP around the whole model; or
+                                  DeepSpeed ZeRO-2/3, veomni/distributed/deepspeed_engine.py)
 
 Gradient contract: both FSDP2 and DDP AVERAGE gradients over the ranks they span (dp x sp). See
 `loss_scale_for_grad_averaging` in parallel_state.py and docs/parallelism.md.
@@ -41,19 +42,26 @@ class ParallelizeConfig:
     mixed_precision: str = "fp32"  # 'bf16': bf16 compute, fp32 master weights and grad reduction
     gradient_checkpointing: bool = False
     check_replicas: bool = True  # FSDP2: fail if ranks start from different weights (see below)
+    deepspeed: Optional[Any] = None  # DeepSpeedOptions (zero stage, offload, ...) for dp_mode='deepspeed'
 
     def __post_init__(self):
         if self.dp_mode is not None and self.dp_mode not in DP_MODES:
             raise ValueError(f"dp_mode={self.dp_mode!r} is not one of {DP_MODES}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISION}")
+        if self.deepspeed is not None and self.dp_mode not in (None, "deepspeed"):
+            raise ValueError(f"DeepSpeed options were given but dp_mode={self.dp_mode!r}; use dp_mode='deepspeed'.")
 
     @classmethod
     def from_args(cls, args) -> "ParallelizeConfig":
         """From veomni.arguments.Arguments: train.data_parallel, train.mixed_precision,
         model.gradient_checkpointing."""
-        return cls(dp_mode=args.train.data_parallel, mixed_precision=args.train.mixed_precision,
-                   gradient_checkpointing=args.model.gradient_checkpointing)
+        from .deepspeed_engine import deepspeed_options
+
+        t = args.train
+        ds = deepspeed_options(t, t.grad_accum_steps) if t.data_parallel == "deepspeed" else None  # after resolve_batch
+        return cls(dp_mode=t.data_parallel, mixed_precision=t.mixed_precision,
+                   gradient_checkpointing=args.model.gradient_checkpointing, deepspeed=ds)
 
 
 def _as_config(cfg: Union[ParallelizeConfig, Mapping[str, Any], None]) -> ParallelizeConfig:
@@ -148,6 +156,7 @@ def parallelize(model: nn.Module, parallel_state: ParallelState,
 
     fsdp2: the same object (now an FSDPModule, parameters are DTensor shards of fp32 master weights).
     ddp: a DistributedDataParallel wrapper (use veomni.distributed.unwrap_model for `.config` etc.).
+    deepspeed: a DeepSpeedModel; its engine is built by `bind_optimizer(model, optimizer)`.
     none: the model, moved to the device.
     bf16 with ddp/none: wrap forward in `autocast_context(...)`; FSDP2 casts by its policy.
     """
@@ -156,7 +165,7 @@ def parallelize(model: nn.Module, parallel_state: ParallelState,
     if mode != parallel_state.dp_mode:
         raise ValueError(f"parallelize cfg.dp_mode={mode!r} but the parallel state was built for "
                          f"dp_mode={parallel_state.dp_mode!r}; build both from the same setting.")
-    if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "unshard"):
+    if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "unshard") or _is_ds(model):
         raise ValueError("parallelize() got a model that is already wrapped (DDP/FSDP); call it once.")
     # 1. expert parallelism (before FSDP: it shards the EP-local experts).
     if parallel_state.ep_size > 1:
@@ -182,7 +191,45 @@ def parallelize(model: nn.Module, parallel_state: ParallelState,
     model.to(parallel_state.device)
     if mode == "ddp":
         return apply_ddp(model, parallel_state)
+    if mode == "deepspeed":
+        return apply_deepspeed(model, parallel_state, cfg)
     return model
+
+
+# ---------------------------------------------------------------------------- DeepSpeed hooks
+# The step calls below work for every mode; only DeepSpeed needs them (its engine owns backward and
+# the optimizer step). veomni/distributed/deepspeed_engine.py has the details.
+def _is_ds(model) -> bool:
+    from .deepspeed_engine import is_deepspeed
+
+    return is_deepspeed(model)
+
+
+def apply_deepspeed(model: nn.Module, ps: ParallelState, cfg: ParallelizeConfig) -> nn.Module:
+    from .deepspeed_engine import DeepSpeedModel, import_deepspeed
+
+    if cfg.deepspeed is None:
+        raise ValueError("dp_mode='deepspeed' needs ParallelizeConfig.deepspeed (DeepSpeedOptions: zero stage, "
+                         "offload, batch sizes); the trainer builds it from train.zero_stage etc.")
+    import_deepspeed()  # fail here, with the install line, rather than after the optimizer is built
+    if cfg.check_replicas and ps.world_size > 1:
+        _check_same_weights(model, ps)  # ZeRO-3 keeps each rank's slice of its OWN copy, as FSDP2
+    return DeepSpeedModel(model, ps, cfg.deepspeed, cfg.mixed_precision)
+
+
+def bind_optimizer(model: nn.Module, optimizer):
+    """The optimizer the step should call: `optimizer` itself, or under DeepSpeed an EngineOptimizer
+    after `deepspeed.initialize` built the engine around it. Call it after building the LR scheduler
+    on `optimizer` (the schedule stays ours; DeepSpeed reads the lr from its param_groups)."""
+    return model.bind(optimizer) if _is_ds(model) else optimizer
+
+
+def backward(model: nn.Module, loss: torch.Tensor) -> None:
+    """loss.backward(), or the DeepSpeed engine's backward (ZeRO's gradient hooks and buckets)."""
+    if _is_ds(model):
+        model.backward(loss)
+    else:
+        loss.backward()
 
 
 def autocast_context(parallel_state: ParallelState, cfg: Union[ParallelizeConfig, Mapping[str, Any], None]):
@@ -190,7 +237,7 @@ def autocast_context(parallel_state: ParallelState, cfg: Union[ParallelizeConfig
     is handled by its MixedPrecisionPolicy, fp32 needs nothing)."""
     cfg = _as_config(cfg)
     mode = cfg.dp_mode or parallel_state.dp_mode
-    if cfg.mixed_precision == "bf16" and mode != "fsdp2":
+    if cfg.mixed_precision == "bf16" and mode not in ("fsdp2", "deepspeed"):  # both cast the weights
         return torch.autocast(device_type=parallel_state.device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -205,6 +252,9 @@ def no_grad_sync(model: nn.Module, skip: bool = True):
     """
     if not skip:
         yield
+    elif _is_ds(model):  # not an accumulation boundary (ZeRO-2/3 still reduce-scatter each micro-batch)
+        with model.no_sync():
+            yield
     elif isinstance(model, nn.parallel.DistributedDataParallel):
         with model.no_sync():
             yield
@@ -228,6 +278,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: Optional[float], norm_type: floa
     """
     if max_norm is not None and max_norm < 0:
         raise ValueError(f"max_norm must be >= 0 (0 = no clipping), got {max_norm}")
+    if _is_ds(model):  # the norm before the step; DeepSpeed clips inside engine.step()
+        model.check_max_norm(max_norm)
+        return model.grad_norm()
     params = [p for p in unwrap_model(model).parameters() if p.grad is not None]
     if not params:
         return 0.0

@@ -7,12 +7,27 @@ import torch.nn as nn
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model under a DistributedDataParallel wrapper (FSDP2 does not wrap: same object)."""
+    """The user's model under a DistributedDataParallel or DeepSpeedModel wrapper (FSDP2 does not
+    wrap: same object)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    while isinstance(model, DistributedDataParallel):
+    from .deepspeed_engine import DeepSpeedModel
+
+    while isinstance(model, (DistributedDataParallel, DeepSpeedModel)):
         model = model.module
     return model
+
+
+def local_shards(model: nn.Module):
+    """The parameter tensors this rank holds: FSDP2 DTensor shards, ZeRO-3 partitions, or the
+    parameters themselves (e.g. to check that no rank holds NaN/inf)."""
+    from .deepspeed_engine import DeepSpeedModel
+
+    if isinstance(model, DeepSpeedModel):
+        yield from model.local_shards()
+        return
+    for p in model.parameters():
+        yield p.to_local() if hasattr(p, "to_local") else p
 
 
 def find_free_port() -> int:

@@ -100,16 +100,18 @@ class Trainer:
         if self.peak_flops:
             logger.info("MFU peak: %.1f TFLOP/s (%s matmuls)", self.peak_flops / 1e12, self.compute_dtype)
 
-        from veomni.distributed import parallelize
+        from veomni.distributed import bind_optimizer, deepspeed_options, parallelize
 
         self._par_cfg = dict(dp_mode=a.train.data_parallel, mixed_precision=a.train.mixed_precision,
-                             gradient_checkpointing=a.model.gradient_checkpointing)
+                             gradient_checkpointing=a.model.gradient_checkpointing,
+                             deepspeed=deepspeed_options(a.train, self.grad_accum))
         self.model = parallelize(self.model, self.ps, self._par_cfg)
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=a.train.lr, betas=tuple(a.train.betas),
                                            eps=1e-8)
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, a.train.lr_scheduler, a.train.warmup_steps,
                                          self.total_steps, a.train.min_lr_ratio)
+        self.optimizer = bind_optimizer(self.model, self.optimizer)  # DeepSpeed: its engine steps it
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient norm, in total
@@ -269,8 +271,9 @@ class Trainer:
         """True on every rank iff no rank's parameter shard holds a NaN or inf."""
         bad = 0
         with torch.no_grad():
-            for p in self.model.parameters():
-                local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2: this rank's shard
+            from veomni.distributed import local_shards
+
+            for local in local_shards(self.model):  # FSDP2 / ZeRO-3: this rank's shard
                 bad += int(not bool(torch.isfinite(local).all()))
         return self.ps.all_reduce_sum(torch.tensor(float(bad), device=self.ps.device), "world").item() == 0
 
@@ -322,6 +325,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         from veomni.diffusion.noise import make_generator
+        from veomni.distributed import backward
 
         a = self.args
         micro = [self._to_device(self._next_batch()) for _ in range(self.grad_accum)]  # 1.
@@ -352,7 +356,7 @@ class Trainer:
                 if moe is not None:  # the router sees every valid token, masked and clean
                     term = moe.add(out.router_stats)
                     total = total if term is None else total + term
-                (total * self.ps.grad_average_size).backward()
+                backward(self.model, total * self.ps.grad_average_size)  # DeepSpeed: through its engine
             loss_sum += out.loss.detach()  # `loss` stays the diffusion / CE loss, comparable with dense runs
         # Every rank (dp x sp) holds a share of the loss: sum over all of them.
         moe_metrics = {}
