@@ -42,7 +42,9 @@ def test_accepted_settings():
 
 
 def test_layouts():
-    assert mesh_layout("deepspeed", 4) == {"dp_replicate": 4, "dp_shard": 1}  # every rank a data replica
+    assert mesh_layout("deepspeed", 4) == {"dp_replicate": 4, "dp_shard": 1, "sp": 1}  # every rank a data replica
+    with pytest.raises(ValueError, match="needs train.data_parallel=fsdp2"):
+        mesh_layout("deepspeed", 4, 1, 2)
     with pytest.raises(ValueError, match="dp_replicate=2 is an FSDP2"):
         mesh_layout("deepspeed", 4, dp_replicate=2)
     with pytest.raises(ValueError, match="needs train.data_parallel=fsdp2"):
