@@ -148,12 +148,13 @@ def test_streaming_errors(tmp_path, corpus, qwen_tok):
         stream_loader(root, qwen_tok, num_workers=2)
     a = stream_loader(root, qwen_tok)
     state = a.state_dict()
-    corpus(tmp_path / "d", n_jsonl=2)
-    with pytest.raises(ValueError, match="num_workers"):
-        stream_loader(str(tmp_path / "d"), qwen_tok, num_workers=2).load_state_dict(
-            dict(state, fingerprint=None))
+    other = corpus(tmp_path / "d", n_jsonl=2)
+    with pytest.raises(ValueError, match="num_workers=0 but this run has num_workers=2"):
+        stream_loader(other, qwen_tok, num_workers=2).load_state_dict(stream_loader(other, qwen_tok).state_dict())
     with pytest.raises(ValueError, match="other data"):
-        stream_loader(str(tmp_path / "d"), qwen_tok).load_state_dict(state)
+        stream_loader(other, qwen_tok).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a streaming one"):
+        stream_loader(other, qwen_tok).load_state_dict({"epoch": 0, "position": 0})
     with pytest.raises(TypeError, match="max_steps"):
         len(a)
     with pytest.raises(ValueError, match="eval_path"):
