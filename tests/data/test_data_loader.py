@@ -135,6 +135,8 @@ def test_bad_arguments_and_state_mismatch(ds):
 def test_workers_give_the_same_batches_and_resume_across_worker_counts(ds):
     ref = take(StatefulLoader(ds, 3, seed=5), 12)  # crosses the epoch end (7 per epoch)
     two = StatefulLoader(ds, 3, seed=5, num_workers=2, prefetch_factor=3)
+    a, b = next(iter(StatefulLoader(ds, 3, seed=5))), next(iter(StatefulLoader(ds, 3, seed=5, num_workers=1)))
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a) and list(a) == list(b)
     assert take(two, 5) == ref[:5]  # workers prefetch ahead; the state counts delivered batches only
     state = two.state_dict()
     assert state["position"] == 15

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .mixture import MixtureDataset
-from .packing import PackedDataset, collate
+from .packing import PackedDataset, collate, collate_stacked, unstack
 from .readers import DEFAULT_TEXT_SUFFIXES, PathLike, ReaderOptions, resolve_files
 from .sources import is_hf_spec, is_packed_dir
 from .tokenization import tokenize_files
@@ -209,7 +209,8 @@ class StatefulLoader:
     def _build(self):
         batches = _RankBatches(self.order(self.epoch), self.position, self.micro_batch_size, self.dp_rank,
                                self.dp_size, self.drop_last)
-        kwargs = dict(batch_sampler=batches, collate_fn=collate, num_workers=self.num_workers,
+        kwargs = dict(batch_sampler=batches, collate_fn=collate_stacked if self.num_workers else collate,
+                      num_workers=self.num_workers,
                       # A private generator: the base seed drawn per iterator must not consume the
                       # global torch RNG, or a resumed run's RNG stream would differ from a straight one.
                       generator=torch.Generator().manual_seed(self.seed))
@@ -231,7 +232,7 @@ class StatefulLoader:
             # Advance before yielding: a state_dict() taken while the caller holds this batch
             # must already count it, or a resume would replay it.
             self.position = min(self.position + self.global_batch_size, self.num_rows)
-            yield batch
+            yield unstack(batch) if self.num_workers else batch
 
     def state_dict(self) -> Dict[str, int]:
         state = {"epoch": self.epoch, "position": self.position, "seed": self.seed,

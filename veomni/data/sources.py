@@ -194,7 +194,8 @@ class HFSource:
         self.opts = opts
         self.hf = parse_hf_spec(spec)
         self._ds = None
-        self.num_shards = self.dataset().num_shards
+        ds = self.dataset()
+        self.num_shards = int(getattr(ds, "num_shards", None) or ds.n_shards)  # n_shards before datasets 3
 
     def dataset(self):
         if self._ds is None:
@@ -213,7 +214,7 @@ class HFSource:
                     "Without access to the Hugging Face Hub, download it where there is access "
                     "(python scripts/download_data.py --repo_id ... --local_dir DIR) and train on DIR, or "
                     "point hf: at a local directory / data_files.") from e
-            if not hasattr(self._ds, "num_shards"):
+            if not hasattr(self._ds, "shard"):
                 raise ValueError(f"data source {self.spec!r}: expected one split (got {type(self._ds).__name__}); "
                                  "add ?split=train")
         return self._ds
@@ -233,7 +234,11 @@ class HFSource:
         first = int(start or 0)
         if first:
             shard = shard.skip(first)  # datasets reads past them without handing them over
-        for k, obj in enumerate(shard, start=first):
+        # iter(batch_size) rather than `for obj in shard`: inside a DataLoader worker, datasets'
+        # __iter__ splits the dataset again by worker id, so worker 1 of a one-shard unit got
+        # nothing (we already hand each stream its own shards).
+        rows = (dict(zip(b, vals)) for b in shard.iter(batch_size=64) for vals in zip(*b.values()))
+        for k, obj in enumerate(rows, start=first):
             where = f"{self.spec} (shard {unit[1]}, example {k})"
             try:
                 record = parse_record(obj, self.opts)

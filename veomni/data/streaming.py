@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .mixture import normalise_weights
-from .packing import build_row, collate, pack_stream
+from .packing import build_row, collate, collate_stacked, pack_stream, unstack
 from .readers import ReaderOptions
 from .tokenization import check_tokenizer, encode_records
 
@@ -242,7 +242,8 @@ class StreamingLoader:
     def _build(self):
         from .loader import stateful_dataloader
 
-        kwargs = dict(batch_size=self.micro_batch_size, collate_fn=collate, num_workers=self.num_workers,
+        kwargs = dict(batch_size=self.micro_batch_size, collate_fn=collate_stacked if self.num_workers else collate,
+                      num_workers=self.num_workers,
                       snapshot_every_n_steps=1,
                       # A private generator: the base seed drawn per iterator must not consume the
                       # global torch RNG, or a resumed run's RNG stream would differ from a straight one.
@@ -258,7 +259,8 @@ class StreamingLoader:
                 self._sdl.load_state_dict(self._pending)
             self._it = iter(self._sdl)
         while True:
-            yield next(self._it)
+            batch = next(self._it)
+            yield unstack(batch) if self.num_workers else batch
 
     def _local_state(self) -> dict:
         return self._sdl.state_dict() if self._it is not None else self._pending
