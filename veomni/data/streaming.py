@@ -128,6 +128,10 @@ class StreamingRows(torch.utils.data.IterableDataset):
                 "packing, data_type or number of streams changed); resume with the same data and settings")
         self._resume, self._state = dict(state), None
 
+    def reset(self) -> None:
+        """Forget any loaded or live position: the next iteration starts at the beginning."""
+        self._resume = self._state = None
+
     # ------------------------------------------------------------------ rows
     def __iter__(self):
         for pieces, prompt_lens in self.iter_pieces():
@@ -254,6 +258,10 @@ class StreamingLoader:
 
     def __iter__(self):
         if self._it is None:
+            # The dataset object (iterated here with 0 workers, copied into forked workers) must not
+            # carry the position of an earlier iterator: StatefulDataLoader only calls
+            # load_state_dict when there is a state to load.
+            self.dataset.reset()
             self._sdl = self._build()
             if self._pending:
                 self._sdl.load_state_dict(self._pending)
