@@ -81,6 +81,25 @@ def test_pack_stream_pretrain_equals_in_memory_layout(store_of):
 
 
 # ----------------------------------------------------------------------------- sources and rows
+def test_units_cover_every_record_once_and_resume_anywhere(tmp_path, corpus, monkeypatch):
+    import veomni.data.sources as sources
+    from veomni.data.readers import iter_records
+
+    root = corpus(tmp_path / "c", n_jsonl=2, docs_per_file=9)
+    with open(os.path.join(root, "part-0.jsonl"), "a") as f:
+        f.write("\n\n" + json.dumps({"text": "after blank lines"}) + "\n")
+    monkeypatch.setattr(sources, "MIN_UNIT_BYTES", 40)  # JSONL byte ranges much shorter than a line
+    src = FileSource(root, OPTS)
+    units = src.units(num_streams=8)
+    assert sum(u[0] == "jsonl" for u in units) > 10 and sum(u[0] == "parquet" for u in units) == 3
+    got = [(u, p, r) for u in units for p, r, _ in src.read(u)]
+    assert [r for _, _, r in got] == [r for _, _, r in iter_records(src.files, OPTS, {})]  # each once, in order
+    for u in {u for u, _, _ in got}:
+        mine = [(p, r) for v, p, r in got if v == u]
+        for i, (p, _) in enumerate(mine):
+            assert [(q, r) for q, r, _ in src.read(u, p)] == mine[i:]
+
+
 def test_file_source_rows_equal_in_memory_rows(tmp_path, corpus, qwen_tok):
     root = corpus(tmp_path / "c")
     mem = build_dataset(root, qwen_tok, max_seq_len=16)  # jsonl, parquet and text, in file order
@@ -186,9 +205,9 @@ def test_hf_datasets_streaming_local_json_and_parquet(tmp_path, corpus, qwen_tok
                                       micro_batch_size=2, max_seq_len=16, streaming=True, num_workers=2, seed=5)[0]
     with pytest.raises(ValueError, match="unit"):
         build()  # the parquet directory is a single datasets shard: not enough for 2 workers
-    build = lambda: build_dataloaders(None, qwen_tok, sources=[jsonl_spec, f"hf:json?data_files={root}/part-0.jsonl"],
+    build = lambda: build_dataloaders(None, qwen_tok, sources=[jsonl_spec, f"hf:json?data_files={root}/part-[01].jsonl"],
                                       mixture_weights=[3, 1], micro_batch_size=2, max_seq_len=16, streaming=True,
-                                      num_workers=1, seed=5)[0]
+                                      num_workers=2, seed=5)[0]
     ref = take(build(), 16)
     a = build()
     assert take(a, 7) == ref[:7]
