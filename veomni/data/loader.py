@@ -47,7 +47,7 @@ def build_dataset(
     messages_key: str = "messages",
     text_suffixes: Sequence[str] = DEFAULT_TEXT_SUFFIXES,
     use_chat_template: bool = True,
-) -> PackedDataset:
+) -> "PackedDataset | PackedShardDataset":
     """Read + tokenize (or load from ``cache_dir``) + lay out rows. See docs/data.md.
 
     Padding uses ``tokenizer.pad_token_id``, or ``eos_token_id`` when the tokenizer has no pad token.
@@ -67,6 +67,11 @@ def build_dataset(
     if is_hf_spec(single):
         raise ValueError(f"data source {single!r}: hf: datasets are read lazily, set data.streaming=true (or download "
                          "them with scripts/download_data.py and train on the files)")
+    listed = [] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    odd = [p for p in listed if is_packed_dir(p) or is_hf_spec(p)]
+    if len(listed) > 1 and odd:
+        raise ValueError(f"{odd[0]} cannot be read together with other paths as one source; list each one in "
+                         "data.sources (with data.mixture_weights) instead")
     opts = ReaderOptions(data_type=data_type, text_key=text_key, prompt_key=prompt_key,
                          response_key=response_key, messages_key=messages_key,
                          text_suffixes=tuple(text_suffixes), skip_bad_lines=skip_bad_lines)
