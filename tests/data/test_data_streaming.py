@@ -1,5 +1,4 @@
 """Streaming rows: packer layouts, per-stream sharding, exact resume with workers, hf datasets."""
-import itertools
 import json
 import os
 
@@ -12,7 +11,7 @@ from veomni.data.loader import build_dataloaders
 from veomni.data.packing import build_row, pack_stream
 from veomni.data.readers import ReaderOptions
 from veomni.data.sources import FileSource, HFSource, open_source, parse_hf_spec
-from veomni.data.streaming import StreamingLoader, StreamingRows
+from veomni.data.streaming import StreamingRows
 
 OPTS = ReaderOptions()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from .packing import PackedDataset, collate, collate_stacked, unstack
 from .readers import DEFAULT_TEXT_SUFFIXES, PathLike, ReaderOptions, resolve_files
 from .sources import is_hf_spec, is_packed_dir
 from .tokenization import tokenize_files
+
+if TYPE_CHECKING:
+    from .shards import PackedShardDataset
 
 logger = logging.getLogger(__name__)
 
