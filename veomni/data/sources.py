@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Tuple
 from urllib.parse import parse_qsl
 
 from .readers import (JSONL_SUFFIX, PARQUET_SUFFIX, DataFormatError, ReaderOptions, _nonempty_str,
@@ -260,6 +260,3 @@ def open_source(spec, opts: ReaderOptions):
         return HFSource(spec, opts)
     return FileSource(spec, opts)
 
-
-def describe(specs: Sequence) -> str:
-    return ", ".join(str(s) for s in specs)
