@@ -17,6 +17,7 @@ install_requires = [
     "sentencepiece",
     "tensorboard",
     "matplotlib",
+    "torchdata>=0.10",  # StatefulDataLoader: the training loaders (workers, exact mid-epoch resume)
 ]
 
 extras_require = {
@@ -28,6 +29,8 @@ extras_require = {
     "quant": ["bitsandbytes", "peft"],
     "eval": ["lm-eval"],
     "wandb": ["wandb"],
+    # Parquet files and hf: (datasets streaming) data sources, scripts/download_data.py --to_jsonl.
+    "data": ["datasets>=2.19", "pyarrow"],
     "dev": ["pytest", "pytest-timeout", "ruff"],
 }
 

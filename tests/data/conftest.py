@@ -82,3 +82,38 @@ def store_of():
 @pytest.fixture
 def counting():
     return CountingTokenizer
+
+
+_WORDS = ["def", "return", "for", "in", "range", "if", "else", "print", "x", "y", "value", "list", "dict",
+          "import", "while", "class", "self", "alpha", "beta", "gamma"]
+
+
+def _text(rng, tag, lo=3, hi=30):
+    return f"{tag} " + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def make_corpus(root, n_jsonl=2, docs_per_file=8, parquet_rows=12, row_group=4, text_files=1, seed=0):
+    """Small sharded pretraining corpus: JSONL files, a parquet file with several row groups and a
+    text file, documents tagged with their origin (``j<file>-<i>``, ``p<i>``, ``t<file>``)."""
+    import random
+
+    rng = random.Random(seed)
+    root = os.fspath(root)
+    os.makedirs(root, exist_ok=True)
+    for f in range(n_jsonl):
+        write_jsonl(os.path.join(root, f"part-{f}.jsonl"), [{"text": _text(rng, f"j{f}-{i}")} for i in range(docs_per_file)])
+    if parquet_rows:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"text": [_text(rng, f"p{i}") for i in range(parquet_rows)], "url": ["u"] * parquet_rows})
+        pq.write_table(table, os.path.join(root, "part-p.parquet"), row_group_size=row_group)
+    for f in range(text_files):
+        with open(os.path.join(root, f"doc-{f}.txt"), "w") as fh:
+            fh.write(_text(rng, f"t{f}", 20, 40))
+    return root
+
+
+@pytest.fixture
+def corpus():
+    return make_corpus

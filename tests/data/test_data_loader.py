@@ -128,6 +128,24 @@ def test_bad_arguments_and_state_mismatch(ds):
     state = StatefulLoader(ds, 2, seed=1).state_dict()
     with pytest.raises(ValueError, match="seed=1 but this loader has seed=2"):
         StatefulLoader(ds, 2, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="streaming one"):
+        StatefulLoader(ds, 2, seed=1).load_state_dict({"kind": "streaming"})
+
+
+def test_workers_give_the_same_batches_and_resume_across_worker_counts(ds):
+    ref = take(StatefulLoader(ds, 3, seed=5), 12)  # crosses the epoch end (7 per epoch)
+    two = StatefulLoader(ds, 3, seed=5, num_workers=2, prefetch_factor=3)
+    a, b = next(iter(StatefulLoader(ds, 3, seed=5))), next(iter(StatefulLoader(ds, 3, seed=5, num_workers=1)))
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a) and list(a) == list(b)
+    assert take(two, 5) == ref[:5]  # workers prefetch ahead; the state counts delivered batches only
+    state = two.state_dict()
+    assert state["position"] == 15
+    one = StatefulLoader(ds, 3, seed=5, num_workers=1)
+    one.load_state_dict(state)
+    assert take(one, 7) == ref[5:]
+    # Reloading a state into a loader that is mid-iteration drops the prefetched batches.
+    two.load_state_dict(state)
+    assert take(two, 7) == ref[5:]
 
 
 def test_build_dataloaders_eval_split_and_path(tmp_path, jsonl, qwen_tok):

@@ -101,7 +101,9 @@ class ModelArgs:
 # ----------------------------------------------------------------------------- data
 @dataclass
 class DataArgs:
-    train_path: Optional[str] = cfg_field(None, help="Training data: a .jsonl file or a directory of them.")
+    train_path: Optional[str] = cfg_field(
+        None, help="Training data: .jsonl / .parquet / text files (a file, directory or glob), a directory "
+                   "written by scripts/pack_data.py, or with data.streaming an hf:<dataset> (docs/data.md).")
     eval_path: Optional[str] = cfg_field(None, help="Evaluation data (.jsonl); or use eval_split_ratio.")
     data_type: Literal["pretrain", "sft"] = cfg_field(
         "pretrain", help="pretrain: every token can be masked; sft: chat records, prompt never masked.")
@@ -110,7 +112,22 @@ class DataArgs:
     packing: bool = cfg_field(True, help="Pack several documents into one sequence (attention and noise "
                                          "stay per document via position_ids).")
     cache_dir: Optional[str] = cfg_field(None, help="Where tokenized data is cached; none = no cache.")
-    num_workers: int = cfg_field(0, help="DataLoader worker processes.")
+    num_workers: int = cfg_field(
+        0, help="DataLoader worker processes per rank (torchdata StatefulDataLoader) that build and collate "
+                "the batches (with streaming also read and tokenize); 0 = in the training process. In-memory "
+                "and packed data give the same batches for any value; streaming data resumes only with the "
+                "same value.")
+    prefetch_factor: int = cfg_field(2, help="Batches each worker prepares ahead (num_workers > 0).")
+    streaming: bool = cfg_field(
+        False, help="Read the training data lazily, for corpora larger than memory: files or hf:<dataset> "
+                    "sources are read, tokenized and packed by the workers as training goes. Needs "
+                    "train.max_steps; resume needs the same dp size, num_workers and micro_batch_size.")
+    sources: list[str] = cfg_field(
+        [], help="A weighted mixture: one data source per entry (each as train_path accepts); use instead "
+                 "of train_path, with mixture_weights.")
+    mixture_weights: list[float] = cfg_field(
+        [], help="One weight >= 0 per data.sources entry (normalised to sum 1): the share of training rows "
+                 "drawn from each source.")
     skip_bad_lines: bool = cfg_field(False, help="Skip (and count) unparsable JSONL lines instead of "
                                                  "raising on the first one.")
     eval_split_ratio: float = cfg_field(0.0, help="Fraction of train_path held out for evaluation "
@@ -123,6 +140,21 @@ class DataArgs:
         _check(self.text_key != "", "data.text_key must not be empty")
         _check(not (self.eval_path and self.eval_split_ratio > 0),
                "set either data.eval_path or data.eval_split_ratio, not both")
+        _at_least("data.prefetch_factor", self.prefetch_factor, 1)
+        _check(not (self.train_path and self.sources),
+               "set either data.train_path (one source) or data.sources (a mixture), not both")
+        _check(not self.mixture_weights or bool(self.sources),
+               "data.mixture_weights needs data.sources (one weight per source)")
+        _check(len(self.sources) <= 1 or bool(self.mixture_weights),
+               f"{len(self.sources)} data.sources need data.mixture_weights (one weight per source)")
+        _check(not self.mixture_weights or len(self.mixture_weights) == len(self.sources),
+               f"data.mixture_weights has {len(self.mixture_weights)} value(s) for {len(self.sources)} "
+               "data.sources; give one weight per source")
+        _check(all(w >= 0 for w in self.mixture_weights) and (not self.mixture_weights or sum(self.mixture_weights) > 0),
+               f"data.mixture_weights must be >= 0 and not all 0, got {self.mixture_weights}")
+        _check(not (self.streaming and self.eval_split_ratio > 0),
+               "data.eval_split_ratio holds out documents of an in-memory corpus; with data.streaming give "
+               "a separate data.eval_path")
 
 
 # ----------------------------------------------------------------------------- train

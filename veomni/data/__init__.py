@@ -1,4 +1,5 @@
-"""Training data: readers, tokenization cache, packing and the stateful loader (docs/data.md).
+"""Training data: readers, tokenization cache, packing, streaming, packed shards, mixtures and the
+stateful loaders (docs/data.md).
 
 Names are resolved lazily so `import veomni.data` pulls in neither torch nor numpy until used.
 """
@@ -6,6 +7,11 @@ _EXPORTS = {
     "build_dataset": "loader",
     "build_dataloaders": "loader",
     "StatefulLoader": "loader",
+    "StreamingLoader": "streaming",
+    "StreamingRows": "streaming",
+    "MixtureDataset": "mixture",
+    "PackedShardDataset": "shards",
+    "pack": "shards",
     "PackedDataset": "packing",
     "collate": "packing",
     "BATCH_KEYS": "packing",

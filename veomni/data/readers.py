@@ -2,6 +2,7 @@
 
 Formats (see docs/data.md):
   * ``*.jsonl`` pretraining: one JSON object per line with a string field ``text_key`` (default "text").
+  * ``*.parquet``: one record per table row, with the same fields as a JSONL record (pyarrow needed).
   * ``*.jsonl`` SFT: one JSON object per line with either ``prompt``/``response`` strings or
     ``messages``: a list of ``{"role": str, "content": str}`` ending with an assistant turn.
   * plain-text files (suffix in ``text_suffixes``): the whole file is one pretraining document.
@@ -23,6 +24,8 @@ from typing import Dict, Iterator, List, Sequence, Tuple, Union
 DATA_TYPES = ("pretrain", "sft")
 DEFAULT_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 JSONL_SUFFIX = ".jsonl"
+PARQUET_SUFFIX = ".parquet"
+RECORD_SUFFIXES = (JSONL_SUFFIX, PARQUET_SUFFIX)  # files of records (not whole-file documents)
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -50,8 +53,9 @@ class ReaderOptions:
         bad = [s for s in self.text_suffixes if not s.startswith(".")]
         if bad:
             raise ValueError(f"text_suffixes must start with '.', got {bad} (e.g. '.txt')")
-        if JSONL_SUFFIX in self.text_suffixes:
-            raise ValueError("'.jsonl' cannot be a text suffix: JSONL files are parsed line by line")
+        clash = [s for s in self.text_suffixes if s in RECORD_SUFFIXES]
+        if clash:
+            raise ValueError(f"{clash} cannot be text suffixes: JSONL / parquet files hold records, not one document")
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +75,7 @@ def _walk_dir(root: str, suffixes: Tuple[str, ...]) -> List[str]:
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
-            if name.endswith(JSONL_SUFFIX) or name.endswith(suffixes):
+            if name.endswith(RECORD_SUFFIXES) or name.endswith(suffixes):
                 out.append(os.path.join(dirpath, name))
     return out
 
@@ -100,7 +104,7 @@ def resolve_files(paths: Union[PathLike, Sequence[PathLike]], text_suffixes=DEFA
             found = _walk_dir(p, suffixes)
             if not found:
                 raise FileNotFoundError(
-                    f"directory {p!r} holds no '{JSONL_SUFFIX}' file nor one with a suffix in "
+                    f"directory {p!r} holds no {RECORD_SUFFIXES} file nor one with a suffix in "
                     f"text_suffixes={suffixes}; add the suffix your files use to text_suffixes"
                 )
             files.extend(found)
@@ -109,9 +113,9 @@ def resolve_files(paths: Union[PathLike, Sequence[PathLike]], text_suffixes=DEFA
         else:
             raise FileNotFoundError(f"data path {p!r} does not exist")
     for f in files:
-        if not (f.endswith(JSONL_SUFFIX) or f.endswith(suffixes)):
+        if not (f.endswith(RECORD_SUFFIXES) or f.endswith(suffixes)):
             raise ValueError(
-                f"{f!r}: unsupported file type; use '{JSONL_SUFFIX}' or a plain-text suffix listed in "
+                f"{f!r}: unsupported file type; use {RECORD_SUFFIXES} or a plain-text suffix listed in "
                 f"text_suffixes={suffixes} (extend the list for other text files)"
             )
     return [os.path.abspath(f) for f in files]
@@ -182,11 +186,22 @@ def parse_record(obj, opts: ReaderOptions):
 def iter_records(files: Sequence[str], opts: ReaderOptions, skipped: Dict[str, int]) -> Iterator[Tuple[str, int, object]]:
     """Yield ``(file, line_no, record)``; bad records raise or are counted in ``skipped[file]``.
 
-    ``line_no`` is 1-based for JSONL and 0 for a whole plain-text file.
+    ``line_no`` is 1-based (the line of a JSONL file, the row of a parquet file) and 0 for a whole
+    plain-text file.
     """
     for path in files:
         if path.endswith(JSONL_SUFFIX):
             yield from _iter_jsonl(path, opts, skipped)
+        elif path.endswith(PARQUET_SUFFIX):
+            pf = open_parquet(path)
+            for rg in range(pf.num_row_groups):
+                for row_no, obj in iter_parquet_rows(pf, rg, opts, path=path):
+                    try:
+                        record = parse_record(obj, opts)
+                    except DataFormatError as e:
+                        _bad(path, row_no + 1, e, opts, skipped)
+                        continue
+                    yield path, row_no + 1, record
         else:
             if opts.data_type != "pretrain":
                 raise DataFormatError(
@@ -216,6 +231,36 @@ def _iter_jsonl(path: str, opts: ReaderOptions, skipped: Dict[str, int]):
                 _bad(path, line_no, e, opts, skipped)
                 continue
             yield path, line_no, record
+
+
+def open_parquet(path: str):
+    """A ``pyarrow.parquet.ParquetFile``; pyarrow is imported here only (an optional dependency)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{path}: reading parquet needs pyarrow: pip install 'veomni-dllm[data]'") from e
+    return pq.ParquetFile(path)
+
+
+def parquet_columns(pf, opts: ReaderOptions, path: str = "parquet file") -> List[str]:
+    """Only the columns a record can use: a FineWeb shard also holds url, dump, date, ... ."""
+    names = pf.schema_arrow.names
+    wanted = ([opts.text_key] if opts.data_type == "pretrain"
+              else [opts.prompt_key, opts.response_key, opts.messages_key])
+    cols = [c for c in wanted if c in names]
+    if not cols:
+        raise DataFormatError(f"{path}: none of the columns {wanted} is in the parquet schema {names}; "
+                              "set text_key (pretrain) or the SFT keys to the column names of the file")
+    return cols
+
+
+def iter_parquet_rows(pf, row_group: int, opts: ReaderOptions, start: int = 0,
+                      path: str = "parquet file") -> Iterator[Tuple[int, dict]]:
+    """``(row number in the file, row dict)`` of one row group, from its ``start``-th row on."""
+    first = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
+    table = pf.read_row_group(row_group, columns=parquet_columns(pf, opts, path))
+    for k, obj in enumerate(table.slice(start).to_pylist(), start=start):
+        yield first + k, obj
 
 
 def _bad(path: str, line_no: int, err: Exception, opts: ReaderOptions, skipped: Dict[str, int]) -> None:

@@ -67,6 +67,20 @@ class TokenStore:
     def doc_lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def __getstate__(self):
+        # A DataLoader worker started by spawn/forkserver receives the dataset pickled; a pickled
+        # np.memmap is a full in-memory copy, i.e. the whole corpus once per worker. Send the cache
+        # path instead and map the file again on arrival.
+        state = dict(self.__dict__)
+        if isinstance(self.tokens, np.memmap) and self.cache_path:
+            state["tokens"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.tokens is None:
+            self.tokens = np.load(os.path.join(self.cache_path, "tokens.npy"), mmap_mode="r")
+
 
 # --------------------------------------------------------------------------------------------
 # cache key
@@ -143,7 +157,7 @@ def render_sft(record: dict, tokenizer, use_chat_template: bool, where: str) -> 
     return SFTText(prompt, full[cut:], clip_spans(spans, 0, cut), clip_spans(spans, cut, len(full)))
 
 
-def _check_tokenizer(tokenizer, data_type: str, use_chat_template: bool) -> int:
+def check_tokenizer(tokenizer, data_type: str, use_chat_template: bool) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise ValueError(
@@ -182,6 +196,23 @@ def _encode(tokenizer, texts: List[str], literals: List[List[Span]]) -> List[Lis
     return out
 
 
+def encode_records(records: Sequence[object], wheres: Sequence[str], tokenizer, data_type: str,
+                   use_chat_template: bool, eos: int) -> List[Tuple[List[int], Optional[int]]]:
+    """Token ids (and prompt length for SFT, else None) of validated records; one batched call.
+
+    Shared by the token cache below and the streaming readers (veomni/data/streaming.py), so a
+    document gets the same ids whichever path reads it.
+    """
+    if not records:
+        return []
+    if data_type == "pretrain":
+        return [(ids + [eos], None) for ids in encode_literal(tokenizer, list(records))]
+    rendered = [render_sft(r, tokenizer, use_chat_template, w) for r, w in zip(records, wheres)]
+    p_ids = _encode(tokenizer, [x.prompt for x in rendered], [x.prompt_literal for x in rendered])
+    r_ids = _encode(tokenizer, [x.response for x in rendered], [x.response_literal for x in rendered])
+    return [(p + end_with_one_eos(r, eos, tokenizer), len(p)) for p, r in zip(p_ids, r_ids)]
+
+
 def _tokenize_all(files, tokenizer, opts: ReaderOptions, use_chat_template: bool, eos: int):
     skipped: Dict[str, int] = {}
     pieces: List[np.ndarray] = []
@@ -192,19 +223,13 @@ def _tokenize_all(files, tokenizer, opts: ReaderOptions, use_chat_template: bool
     def flush():
         if not batch:
             return
-        if opts.data_type == "pretrain":
-            for ids in encode_literal(tokenizer, [r for _, _, r in batch]):
-                pieces.append(np.asarray(ids + [eos], dtype=np.int32))
-                lengths.append(len(ids) + 1)
-        else:
-            rendered = [render_sft(r, tokenizer, use_chat_template, f"{f}:{n}") for f, n, r in batch]
-            p_ids = _encode(tokenizer, [x.prompt for x in rendered], [x.prompt_literal for x in rendered])
-            r_ids = _encode(tokenizer, [x.response for x in rendered], [x.response_literal for x in rendered])
-            for p, r in zip(p_ids, r_ids):
-                r = end_with_one_eos(r, eos, tokenizer)
-                pieces.append(np.asarray(p + r, dtype=np.int32))
-                lengths.append(len(p) + len(r))
-                prompt_lens.append(len(p))
+        encoded = encode_records([r for _, _, r in batch], [f"{f}:{n}" for f, n, _ in batch], tokenizer,
+                                 opts.data_type, use_chat_template, eos)
+        for ids, plen in encoded:
+            pieces.append(np.asarray(ids, dtype=np.int32))
+            lengths.append(len(ids))
+            if plen is not None:
+                prompt_lens.append(plen)
         batch.clear()
 
     for item in iter_records(files, opts, skipped):
@@ -267,7 +292,7 @@ def tokenize_files(
     use_chat_template: bool = True,
 ) -> TokenStore:
     """Tokenize ``files`` (already resolved), or load the cached result when the key matches."""
-    eos = _check_tokenizer(tokenizer, opts.data_type, use_chat_template)
+    eos = check_tokenizer(tokenizer, opts.data_type, use_chat_template)
     files = list(files)
     key = path = None
     if cache_dir is not None:

@@ -211,8 +211,11 @@ class Trainer:
         from veomni.data.loader import build_dataloaders
 
         a = self.args
-        if not a.data.train_path:
-            raise ValueError("data.train_path is not set: point it at a .jsonl file, a text file or a directory.")
+        if not (a.data.train_path or a.data.sources):
+            raise ValueError("data.train_path is not set: point it at a .jsonl file, a text file or a directory "
+                             "(or list data.sources with data.mixture_weights for a mixture).")
+        if a.data.streaming and not a.train.max_steps:
+            raise ValueError("data.streaming=true reads the corpus lazily and has no epoch length: set train.max_steps.")
         cache_dir = a.data.cache_dir or str(self.out_dir / "data_cache")
         # Rank 0 tokenizes and fills the cache first; the others then read it instead of all
         # ranks tokenizing the same corpus at once.
@@ -220,13 +223,17 @@ class Trainer:
                       max_seq_len=a.data.max_seq_len, packing=a.data.packing, cache_dir=cache_dir,
                       text_key=a.data.text_key, skip_bad_lines=a.data.skip_bad_lines,
                       dp_rank=self.ps.dp_rank, dp_size=self.ps.dp_size, seed=a.train.seed,
-                      eval_path=a.data.eval_path, eval_split_ratio=a.data.eval_split_ratio)
+                      eval_path=a.data.eval_path, eval_split_ratio=a.data.eval_split_ratio,
+                      sources=a.data.sources, mixture_weights=a.data.mixture_weights, streaming=a.data.streaming,
+                      num_workers=a.data.num_workers, prefetch_factor=a.data.prefetch_factor,
+                      # A streaming loader's state holds every dp rank's stream positions.
+                      gather=self.ps.all_gather_object)
         if not self.ps.is_main:
             self.ps.barrier()
-        self.loader, self.eval_loader = build_dataloaders(a.data.train_path, self.tokenizer, **kwargs)
+        self.loader, self.eval_loader = build_dataloaders(a.data.train_path or None, self.tokenizer, **kwargs)
         if self.ps.is_main:
             self.ps.barrier()
-        if len(self.loader) == 0:
+        if not self.loader.streaming and len(self.loader) == 0:
             raise ValueError(f"data.train_path={a.data.train_path} yields no full batch of "
                              f"{self.loader.global_batch_size} rows of {a.data.max_seq_len} tokens.")
 
