@@ -16,7 +16,7 @@ Here the model is built without data and each rank only ever fills its own shard
    global offsets and sizes, `DTensor.__create_chunk_list__`, what DCP loads by) is filled from
    one of two sources:
    - safetensors (any HF directory, and the embedded SmolLM2): every rank reads only its slices
-     (`safe_open(...).get_slice`, headers first). Per-expert hub weights are stacked for the rank's
+     (positioned reads of their byte ranges, headers first). Per-expert hub weights are stacked for the rank's
      experts only; mask rows get the mean of the trained rows; dLLM-only parameters (Qwen3.5's
      reverse gates) their constant; RoPE's inv_freq (a non-persistent buffer) is recomputed.
      No rank ever holds the whole model.
@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -74,6 +75,40 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# safetensors headers
+# ---------------------------------------------------------------------------------------------
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class _Entry(NamedTuple):
+    shape: Tuple[int, ...]
+    dtype: Optional[torch.dtype]  # None: a dtype read through safetensors itself (fp8, ...)
+    itemsize: int
+    start: int  # absolute byte offset of the tensor in the file
+
+
+def _read_header(path: Path) -> Dict[str, _Entry]:
+    """The safetensors header (8-byte little-endian length, JSON): key -> shape, dtype, byte offset."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info["dtype"])
+        begin, end = info["data_offsets"]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        itemsize = (end - begin) // numel if numel else (torch.empty((), dtype=dtype).element_size() if dtype else 1)
+        out[key] = _Entry(tuple(info["shape"]), dtype, itemsize, 8 + n + begin)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # sources
 # ---------------------------------------------------------------------------------------------
 class SafetensorsSource:
@@ -83,20 +118,17 @@ class SafetensorsSource:
     weights, missing weights, incomplete experts and shape mismatches are errors naming the key."""
 
     def __init__(self, root: Path, files, file_spec, config, model: nn.Module, dtype: torch.dtype):
-        from safetensors import safe_open
-
         from veomni.models.moe_weights import _NAMES, _PART
 
         self.root, self.dtype = root, dtype
         self.where: Dict[str, Path] = {}  # hub key -> file
+        self.entries: Dict[str, _Entry] = {}  # hub key -> where its bytes are
         shapes: Dict[str, Tuple[int, ...]] = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    if k in self.where:
-                        raise KeyError(f"{root}: weight {k} is stored twice ({self.where[k].name} and {f.name})")
-                    self.where[k] = f
-                    shapes[k] = tuple(h.get_slice(k).get_shape())
+            for k, entry in _read_header(f).items():
+                if k in self.where:
+                    raise KeyError(f"{root}: weight {k} is stored twice ({self.where[k].name} and {f.name})")
+                self.where[k], self.entries[k], shapes[k] = f, entry, entry.shape
         # hf_to_ours only renames and drops keys (values pass through), so applied to {name: name}
         # it maps our names to the hub's without reading a tensor.
         names = file_spec.hf_to_ours({k: k for k in self.where})
@@ -134,7 +166,7 @@ class SafetensorsSource:
         self.means: Dict[str, MaskPlan] = {}  # embedding / untied head key -> the mask plan
         self._mean_cache: Dict[str, torch.Tensor] = {}
         self._stack: Optional[ExitStack] = None
-        self._handles: Dict[Path, object] = {}
+        self._files: Dict[Path, object] = {}
 
     def _check(self, model, shapes, num_experts) -> None:
         expected = _expected_keys(model)
@@ -196,12 +228,10 @@ class SafetensorsSource:
             return
         rows = range(offsets[0], offsets[0] + sizes[0])
         if key not in self._mean_cache and any(r in rows for r in plan.mean_rows):
-            from safetensors import safe_open
-
             hub = self.plain[key]
-            with safe_open(str(self.where[hub]), framework="pt") as h:
+            with self:
                 # Cast first, as the eager path holds the weight in the load dtype when it takes the mean.
-                full = _cast(h.get_tensor(hub), self.dtype)
+                full = _cast(self._slice(hub, (), ()), self.dtype)
             self._mean_cache[key] = mean_row(full, plan.trained_rows)
             del full
 
@@ -211,23 +241,44 @@ class SafetensorsSource:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handles.clear()
+        self._files.clear()
         self._stack.close()
         self._stack = None
 
-    def _handle(self, hub: str):
-        from safetensors import safe_open
-
-        f = self.where[hub]
-        if f not in self._handles:
-            self._handles[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
-        return self._handles[f]
+    def _file(self, path: Path):
+        if path not in self._files:
+            self._files[path] = self._stack.enter_context(open(path, "rb", buffering=0))
+        return self._files[path]
 
     def _slice(self, hub: str, offsets, sizes) -> torch.Tensor:
-        h = self._handle(hub)
-        if not sizes:
-            return h.get_tensor(hub)
-        return h.get_slice(hub)[_index(offsets, sizes)]
+        """Rows [offsets[0], +sizes[0]) of `hub` (all of it for empty offsets/sizes), as stored.
+
+        A block of whole rows is one byte range of the file: it is read with a positioned read
+        into fresh memory. (safetensors' get_slice reads through mmap, and every file page it
+        touches counts in the process's resident memory until the file is closed: ~2x the
+        shard at the peak.) Other chunks (a split inside a row) go through safetensors."""
+        e = self.entries[hub]
+        offsets, sizes = (tuple(offsets) or (0,) * len(e.shape)), (tuple(sizes) or e.shape)
+        whole_rows = len(e.shape) == 0 or (all(o == 0 for o in offsets[1:]) and tuple(sizes[1:]) == e.shape[1:])
+        if e.dtype is None or not whole_rows:
+            from safetensors import safe_open
+
+            with safe_open(str(self.where[hub]), framework="pt") as h:
+                return h.get_slice(hub)[_index(offsets, sizes)] if e.shape else h.get_tensor(hub)
+        row = e.itemsize
+        for n in e.shape[1:]:
+            row *= n
+        buf = bytearray(row * (sizes[0] if e.shape else 1))
+        f = self._file(self.where[hub])
+        f.seek(e.start + (offsets[0] * row if e.shape else 0))
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            n = f.readinto(view[done:])
+            if not n:
+                raise OSError(f"{self.where[hub]}: file ends inside {hub} (truncated checkpoint?)")
+            done += n
+        t = torch.frombuffer(buf, dtype=e.dtype) if buf else torch.empty(0, dtype=e.dtype)
+        return t.reshape(tuple(sizes) if e.shape else ())
 
     def read(self, key: str, offsets, sizes, dtype: torch.dtype) -> torch.Tensor:
         """The chunk (global offsets, sizes) of our parameter `key`, in the load dtype."""
