@@ -11,7 +11,8 @@ group, measured with veomni/utils/peak_memory.py) and what it still holds afterw
   meta       meta-device model, parallelize, each rank reads only its own slices of the safetensors
              (model.meta_init=true, the default);
   scratch-eager / scratch-meta   init_from_scratch: every rank draws the whole random model, vs rank 0
-             draws it and broadcasts it into the shards (synthetic model only).
+             draws it and broadcasts it into the shards (synthetic model only; on one process
+             meta init builds eagerly, so the two rows are the same code there).
 Each variant runs in its own processes, one variant at a time.
 """
 from __future__ import annotations
@@ -61,8 +62,9 @@ def _worker(rank, world, port, model_dir, variant, out_dir):
         parallelize(model, ps, {})
     else:
         model, pending = prepare_meta_model(model_dir, tok, "<|mask|>", torch.float32, "sdpa", ps, scratch, build_eager)
-        parallelize(model, ps, {"check_replicas": False})
-        pending.load(model)
+        parallelize(model, ps, {"check_replicas": pending is None})  # None: built eagerly (one process)
+        if pending is not None:
+            pending.load(model)
     peak = peak_since_mib(base)
     held = (status_kib("VmRSS") - base) / 1024
     local = sum(p.to_local().numel() for p in model.parameters()) * 4 / 2**20
@@ -110,6 +112,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2", "synthetic"], choices=["smollm2", "synthetic"])
     ap.add_argument("--nprocs", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--variants", nargs="+", default=["eager", "meta", "scratch-eager", "scratch-meta"],
+                    choices=["eager", "meta", "scratch-eager", "scratch-meta"])
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "veomni" / "bench_memory"),
                     help="where the synthetic checkpoint is written once")
     a = ap.parse_args()
@@ -121,7 +125,7 @@ def main() -> None:
     for name in a.models:
         model_dir = smol if name == "smollm2" else synthetic_dir(Path(a.cache), smol)
         size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 2**20
-        variants = ["eager", "meta"] + (["scratch-eager", "scratch-meta"] if name == "synthetic" else [])
+        variants = [v for v in a.variants if name == "synthetic" or not v.startswith("scratch")]
         for variant in variants:
             for world in a.nprocs:
                 for rank, r in enumerate(run_variant(model_dir, variant, world)):

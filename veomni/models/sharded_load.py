@@ -22,7 +22,8 @@ Here the model is built without data and each rank only ever fills its own shard
      No rank ever holds the whole model.
    - rank-0 broadcast (init_from_scratch, a GGUF file, pytorch_model.bin): rank 0 builds the model
      the eager way (same code, same seed, so the same random weights) and broadcasts one tensor at a
-     time; each rank keeps its chunk. Only rank 0 holds the whole model, once.
+     time; each rank keeps its chunk. Only rank 0 holds the whole model (with its shards: on one
+     process that would be two copies, so one process builds eagerly instead).
 Both give the eager path's weights bit for bit (tests/distributed/test_meta_init.py). DDP and a
 single process without FSDP need the whole model on each rank anyway and keep the eager path.
 """
@@ -461,7 +462,8 @@ def prepare_meta_model(path, tokenizer, mask_token: str, dtype: torch.dtype, att
     """(model on the meta device, MetaLoad) for `path`; the tokenizer gets its mask token.
 
     build_eager: the eager path's model builder (load or random init); rank 0 calls it when the
-    weights cannot be read slice-wise (init_from_scratch, GGUF, pytorch_model.bin)."""
+    weights cannot be read slice-wise (init_from_scratch, GGUF, pytorch_model.bin). On one process
+    that case returns (the eager model with its mask token, None): nothing to load afterwards."""
     from transformers import AutoConfig
 
     root, gguf_file = _split_gguf(path, None)
@@ -481,8 +483,14 @@ def prepare_meta_model(path, tokenizer, mask_token: str, dtype: torch.dtype, att
         _check_same_checkpoint(source, ps)
         logger.info("meta-device init: each rank reads its own shards of %s", root)
         return model, MetaLoad(source, dtype, ps, config_dtype=dtype)
-    # Rank 0 builds the model the eager way; the others only learn its config.
     why = "init_from_scratch" if from_scratch else ("GGUF" if gguf_file else "pytorch_model.bin")
+    if ps.world_size == 1:
+        # Rank 0 would hold the eager model and its shard (= the whole model) at once: 2x for nothing.
+        model = build_eager()
+        apply_mask_plan(model, plan_mask_token(model.get_input_embeddings().weight.shape[0], tokenizer, mask_token))
+        logger.info("one process, %s: the model is built eagerly (a broadcast would only add a copy)", why)
+        return model, None
+    # Rank 0 builds the model the eager way; the others only learn its config.
     eager = build_eager() if ps.is_main else None
     config = ps.broadcast_object(copy.deepcopy(eager.config) if ps.is_main else None)
     if from_scratch and ps.world_size > 1:
