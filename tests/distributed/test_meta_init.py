@@ -39,8 +39,6 @@ def _save(cfg, path, tok, vocab_extra=0):
 
 def _case(path, tok_dir, from_scratch=False, ep=1, checkpointing=False, expect_error=None):
     """One rank: eager model vs meta + parallelize + load; returns after comparing."""
-    import torch.distributed as dist
-
     from veomni.distributed import init_parallel_state, parallelize
     from veomni.models.hf_io import load_model, load_tokenizer
     from veomni.models.mask_token import ensure_mask_token
@@ -138,7 +136,7 @@ def _metrics(out):
     return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_trainer_meta_init_equals_eager(tiny_model_dir, tiny_corpus, tmp_path):
+def test_trainer_meta_init_equals_eager(tiny_model_dir, tiny_corpus, tmp_path):  # noqa: F811
     """Through tasks/train_torch.py: the same run with model.meta_init false (the eager path) and
     true (sharded safetensors reads). init_from_scratch's broadcast path is compared at the
     parallelize level above, which keeps this file's time down."""

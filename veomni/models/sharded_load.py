@@ -204,9 +204,8 @@ class SafetensorsSource:
                 stored = (num_experts, g[0] + u[0]) + g[1:]
             else:
                 stored = (num_experts,) + shapes[parts[("down_proj", 0)]]
-            per_expert = {shapes[h] for (n, _), h in parts.items() if n in (("gate_proj", "up_proj")
-                                                                            if which == "gate_up_proj" else
-                                                                            ("down_proj",))}
+            names = ("gate_proj", "up_proj") if which == "gate_up_proj" else ("down_proj",)
+            per_expert = {shapes[h] for (n, _), h in parts.items() if n in names}  # one shape for all
             if stored != tuple(params[key].shape) or len(per_expert) != 1:
                 raise ValueError(f"{self.root}: size mismatch for {key}: the checkpoint's experts give "
                                  f"{list(stored)} (per-expert shapes {sorted(per_expert)}), the model's is "
@@ -281,8 +280,8 @@ class SafetensorsSource:
         t = torch.frombuffer(buf, dtype=e.dtype) if buf else torch.empty(0, dtype=e.dtype)
         return t.reshape(tuple(sizes) if e.shape else ())
 
-    def read(self, key: str, offsets, sizes, dtype: torch.dtype) -> torch.Tensor:
-        """The chunk (global offsets, sizes) of our parameter `key`, in the load dtype."""
+    def read(self, key: str, shape, offsets, sizes, dtype: torch.dtype) -> torch.Tensor:
+        """The chunk (global offsets, sizes) of our parameter `key` (global `shape`), in the load dtype."""
         if any(s == 0 for s in sizes):
             return torch.empty(sizes, dtype=dtype)
         if key in self.constants:
@@ -355,7 +354,6 @@ class BroadcastSource:
         self.ps = ps
         self.tensors = {} if eager is None else {
             **{n: t for n, t in eager.named_parameters()}, **{n: t for n, t in eager.named_buffers()}}
-        self.eager_config = None if eager is None else eager.config
 
     def check(self, names_shapes: Dict[str, Tuple[Tuple[int, ...], torch.dtype]]) -> None:
         """Rank 0 compares names, shapes and dtypes with the sharded model before any broadcast;
@@ -381,16 +379,17 @@ class BroadcastSource:
     def prefetch(self, key, offsets, sizes) -> None:
         pass
 
-    def read_full(self, key: str, shape, dtype) -> torch.Tensor:
+    def read(self, key: str, shape, offsets, sizes, dtype: torch.dtype) -> torch.Tensor:
+        """The whole tensor goes out from rank 0 (which then lets go of it); each rank keeps its chunk."""
         import torch.distributed as dist
 
         if self.ps.is_main:
-            full = self.tensors[key].detach().to(self.ps.device).contiguous()
+            full = self.tensors.pop(key).detach().to(self.ps.device).contiguous()
         else:
             full = torch.empty(shape, dtype=dtype, device=self.ps.device)
         if self.ps.world_size > 1:
             dist.broadcast(full, src=0)
-        return full
+        return full[_index(offsets, sizes)]
 
     def fill_buffers(self, model: nn.Module, device) -> None:
         # Small (RoPE frequencies): sent as objects, so each keeps rank 0's dtype exactly.
@@ -410,10 +409,10 @@ class BroadcastSource:
 # the two steps
 # ---------------------------------------------------------------------------------------------
 class MetaLoad:
-    """What `load(model)` needs after `parallelize`: the source and the load dtype."""
+    """What `load(model)` needs after `parallelize`: where the weights come from."""
 
-    def __init__(self, source, dtype: torch.dtype, ps, config_dtype: Optional[torch.dtype]):
-        self.source, self.dtype, self.ps, self.config_dtype = source, dtype, ps, config_dtype
+    def __init__(self, source, ps, config_dtype: Optional[torch.dtype]):
+        self.source, self.ps, self.config_dtype = source, ps, config_dtype
 
     @torch.no_grad()
     def load(self, model: nn.Module) -> nn.Module:
@@ -440,11 +439,7 @@ class MetaLoad:
             for name, p in model.named_parameters():
                 name = _clean(name)
                 local, offsets, sizes = _local_chunk(p)
-                if isinstance(self.source, BroadcastSource):
-                    chunk = self.source.read_full(name, tuple(p.shape), p.dtype)[_index(offsets, sizes)]
-                else:
-                    chunk = self.source.read(name, offsets, sizes, p.dtype)
-                local.copy_(chunk)
+                local.copy_(self.source.read(name, tuple(p.shape), offsets, sizes, p.dtype))
             self.source.fill_buffers(model, device)
         if self.config_dtype is not None:
             inner.config.dtype = self.config_dtype  # as hf_io._finish_load records it
@@ -482,7 +477,7 @@ def prepare_meta_model(path, tokenizer, mask_token: str, dtype: torch.dtype, att
         apply_mask_plan(model, plan)
         _check_same_checkpoint(source, ps)
         logger.info("meta-device init: each rank reads its own shards of %s", root)
-        return model, MetaLoad(source, dtype, ps, config_dtype=dtype)
+        return model, MetaLoad(source, ps, config_dtype=dtype)
     why = "init_from_scratch" if from_scratch else ("GGUF" if gguf_file else "pytorch_model.bin")
     if ps.world_size == 1:
         # Rank 0 would hold the eager model and its shard (= the whole model) at once: 2x for nothing.
@@ -503,7 +498,7 @@ def prepare_meta_model(path, tokenizer, mask_token: str, dtype: torch.dtype, att
     if eager is not None:
         apply_mask_plan(eager, plan)  # = ensure_mask_token on the eager model, with the same plan
     logger.info("meta-device init (%s): rank 0 builds the model and broadcasts it into the shards", why)
-    return model, MetaLoad(BroadcastSource(eager, ps), dtype, ps, config_dtype=None)
+    return model, MetaLoad(BroadcastSource(eager, ps), ps, config_dtype=None)
 
 
 def _check_same_checkpoint(source: SafetensorsSource, ps) -> None:
