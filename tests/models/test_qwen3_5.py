@@ -516,10 +516,10 @@ def test_checkpoint_round_trip(tmp_path, moe):
     assert again.model.layers[2].linear_attn.reverse_gate.tolist() == [2.25, 1.5, 2.75, 3.0]
 
 
-def _vl_checkpoint(path, moe):
+def _vl_checkpoint(path, moe, **text_overrides):
     """A tiny transformers Qwen3_5[Moe]ForConditionalGeneration (1-block vision tower) saved to
     `path`, plus fake multi-token-prediction weights (mtp.*) in its safetensors, as the hub has."""
-    text = tiny_qwen3_5_config(moe=moe, **VARIANTS["custom_order"]).to_dict()
+    text = tiny_qwen3_5_config(moe=moe, **VARIANTS["custom_order"], **text_overrides).to_dict()
     vision = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=text["hidden_size"],
                   patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
     name = "Qwen3_5Moe" if moe else "Qwen3_5"

@@ -61,6 +61,11 @@ class ModelArgs:
     gradient_checkpointing: bool = cfg_field(False, help="Recompute activations in backward to save memory.")
     init_from_scratch: bool = cfg_field(False, help="Random-initialise the model from model_path's "
                                                     "config instead of loading its weights (pretraining).")
+    meta_init: bool = cfg_field(
+        True, help="With train.data_parallel=fsdp2: build the model on the meta device, shard it, then fill "
+                   "each rank's shards only (safetensors: each rank reads its own slices; init_from_scratch, "
+                   "GGUF, .bin: rank 0 builds and broadcasts). false = every rank loads the whole model first. "
+                   "ddp/none always load the whole model. docs/parallelism.md, 'Loading big models'.")
     ops: dict[str, str] = cfg_field(default_ops(), help=ops_help())
 
     def __post_init__(self) -> None:

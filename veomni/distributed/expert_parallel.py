@@ -112,8 +112,10 @@ def apply_expert_parallel(model: nn.Module, ps) -> int:
         lo = ps.ep_rank * n
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(m, name)
-            # from_local: each rank slices its own (identical) copy; nothing is sent.
-            local = full.detach()[lo:lo + n].to(ps.device).clone()
+            # from_local: each rank slices its own (identical) copy; nothing is sent. A meta model
+            # (sharded loading, veomni/models/sharded_load.py) stays on meta: it has no data to copy.
+            local = full.detach()[lo:lo + n]
+            local = local if local.is_meta else local.to(ps.device).clone()
             setattr(m, name, nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False),
                                           requires_grad=full.requires_grad))
         m.dispatcher = AllToAllDispatcher(mesh.get_group(), ps.ep_size, m.num_experts)

@@ -13,7 +13,8 @@ real inputs, with an average (not extreme) logit when tied.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,34 +28,39 @@ def _grow(weight: torch.Tensor, new_rows: int, mean_of: int, init_from: int) -> 
     old = weight.shape[0]
     out = torch.empty(new_rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
     out[: min(old, new_rows)] = weight[: min(old, new_rows)]
-    mean = weight[:mean_of].float().mean(dim=0).to(weight.dtype)
-    out[init_from:] = mean
+    out[init_from:] = mean_row(weight, mean_of)
     return nn.Parameter(out, requires_grad=weight.requires_grad)
 
 
-@torch.no_grad()
-def ensure_mask_token(model, tokenizer, mask_token: str = DEFAULT_MASK_TOKEN,
-                      pad_to_multiple_of: Optional[int] = None) -> int:
-    """Make sure `tokenizer` has a mask token that `model` can embed; return its id.
+@dataclass(frozen=True)
+class MaskPlan:
+    """What `ensure_mask_token` does to the embedding, decided from the tokenizer and the row count
+    alone (no weights): the meta-device loader (veomni/models/sharded_load.py) applies it to a model
+    without data and fills the mean rows itself."""
 
-    - tokenizer already has a mask token (tokenizer.mask_token): it is used as is (`mask_token` is
-      ignored) and, if its row exists, its embedding is left untouched (it may be trained, e.g. Dream).
-    - otherwise `mask_token` is added as a special token. Its embedding row (a new row, or a spare
-      row past the old tokenizer, which was never trained) and, for an untied head, its head row are
-      set to the mean of the rows of the tokens the tokenizer had.
-    - the embedding grows to len(tokenizer) exactly, or up to a multiple of `pad_to_multiple_of`
-      (as in HF's resize_token_embeddings: a multiple of 64 maps the head matmul onto tensor cores
-      better; the padding rows also get the mean). A tied head stays tied.
-    - config.vocab_size and config.mask_token_id are updated.
+    mask_id: int
+    old_rows: int  # embedding rows before
+    new_rows: int  # embedding rows after (== old_rows when nothing grows)
+    trained_rows: int  # the mean of rows [0, trained_rows) initialises every row in `mean_rows`
+    spare_row: Optional[int]  # a row < old_rows that gets the mean (a spare row past the old tokenizer)
 
-    Raises ValueError when the tokenizer has more tokens than the embedding beyond the mask token
-    itself: then this tokenizer does not belong to this model.
-    """
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    vocab = embed.weight.shape[0]
-    tied = head is not None and head.weight is embed.weight
+    @property
+    def mean_rows(self) -> Tuple[int, ...]:
+        """Rows that start at the mean: the new rows, and the spare row if any."""
+        spare = () if self.spare_row is None else (self.spare_row,)
+        return spare + tuple(range(self.old_rows, self.new_rows))
 
+
+def mean_row(weight: torch.Tensor, trained_rows: int) -> torch.Tensor:
+    """The initial value of a mask row: the mean of the trained rows, in fp32, cast back (one
+    place, so the eager and the sharded loaders compute it bit for bit alike)."""
+    return weight[:trained_rows].float().mean(dim=0).to(weight.dtype)
+
+
+def plan_mask_token(vocab: int, tokenizer, mask_token: str = DEFAULT_MASK_TOKEN,
+                    pad_to_multiple_of: Optional[int] = None) -> MaskPlan:
+    """Give `tokenizer` its mask token (added if it has none) and plan the embedding of a model with
+    `vocab` rows; see `ensure_mask_token` for the rules and errors."""
     old_len = len(tokenizer)
     added = tokenizer.mask_token is None
     if added:
@@ -81,30 +87,66 @@ def ensure_mask_token(model, tokenizer, mask_token: str = DEFAULT_MASK_TOKEN,
     needed = max(vocab, new_len, mask_id + 1)
     if needed > vocab and pad_to_multiple_of:
         needed = -(-needed // pad_to_multiple_of) * pad_to_multiple_of
+    # The new id landed in a spare row past the old tokenizer (Qwen pads its vocabulary): that row
+    # was never trained for any token, so it gets the same mean initialisation as a new row.
+    # (An id < old_len means the text already was a regular token: its trained row is kept.)
+    spare = mask_id if added and old_len <= mask_id < vocab else None
+    return MaskPlan(int(mask_id), vocab, needed, trained_rows, spare)
 
-    if needed > vocab:
+
+@torch.no_grad()
+def apply_mask_plan(model, plan: MaskPlan) -> int:
+    """Resize / initialise the embedding (and an untied head) of `model` as `plan` says; update
+    config.vocab_size and config.mask_token_id. On a meta model only the shapes change."""
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    vocab = embed.weight.shape[0]
+    if vocab != plan.old_rows:
+        raise ValueError(f"mask-token plan made for {plan.old_rows} embedding rows, the model has {vocab}")
+    tied = head is not None and head.weight is embed.weight
+    if plan.new_rows > vocab:
         # Every new row (mask and any padding rows) starts at the mean.
-        embed.weight = _grow(embed.weight, needed, trained_rows, vocab)
-        embed.num_embeddings = needed
+        embed.weight = _grow(embed.weight, plan.new_rows, plan.trained_rows, vocab)
+        embed.num_embeddings = plan.new_rows
         if head is not None:
             if tied:
                 head.weight = embed.weight
             else:
-                head.weight = _grow(head.weight, needed, trained_rows, vocab)
-            head.out_features = needed
-    if added and old_len <= mask_id < vocab:
-        # The new id landed in a spare row past the old tokenizer (Qwen pads its vocabulary): that
-        # row was never trained for any token, so it gets the same mean initialisation as a new row.
-        # (An id < old_len means the text already was a regular token: its trained row is kept.)
-        embed.weight[mask_id] = embed.weight[:trained_rows].float().mean(0).to(embed.weight.dtype)
+                head.weight = _grow(head.weight, plan.new_rows, plan.trained_rows, vocab)
+            head.out_features = plan.new_rows
+    if plan.spare_row is not None:
+        embed.weight[plan.spare_row] = mean_row(embed.weight, plan.trained_rows)
         if head is not None and not tied:
-            head.weight[mask_id] = head.weight[:trained_rows].float().mean(0).to(head.weight.dtype)
+            head.weight[plan.spare_row] = mean_row(head.weight, plan.trained_rows)
 
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
     model.config.vocab_size = embed.weight.shape[0]
-    model.config.mask_token_id = int(mask_id)
-    return int(mask_id)
+    model.config.mask_token_id = plan.mask_id
+    return plan.mask_id
 
 
-__all__ = ["ensure_mask_token", "DEFAULT_MASK_TOKEN"]
+@torch.no_grad()
+def ensure_mask_token(model, tokenizer, mask_token: str = DEFAULT_MASK_TOKEN,
+                      pad_to_multiple_of: Optional[int] = None) -> int:
+    """Make sure `tokenizer` has a mask token that `model` can embed; return its id.
+
+    - tokenizer already has a mask token (tokenizer.mask_token): it is used as is (`mask_token` is
+      ignored) and, if its row exists, its embedding is left untouched (it may be trained, e.g. Dream).
+    - otherwise `mask_token` is added as a special token. Its embedding row (a new row, or a spare
+      row past the old tokenizer, which was never trained) and, for an untied head, its head row are
+      set to the mean of the rows of the tokens the tokenizer had.
+    - the embedding grows to len(tokenizer) exactly, or up to a multiple of `pad_to_multiple_of`
+      (as in HF's resize_token_embeddings: a multiple of 64 maps the head matmul onto tensor cores
+      better; the padding rows also get the mean). A tied head stays tied.
+    - config.vocab_size and config.mask_token_id are updated.
+
+    Raises ValueError when the tokenizer has more tokens than the embedding beyond the mask token
+    itself: then this tokenizer does not belong to this model.
+    """
+    vocab = model.get_input_embeddings().weight.shape[0]
+    return apply_mask_plan(model, plan_mask_token(vocab, tokenizer, mask_token, pad_to_multiple_of))
+
+
+__all__ = ["ensure_mask_token", "plan_mask_token", "apply_mask_plan", "MaskPlan", "mean_row",
+           "DEFAULT_MASK_TOKEN"]

@@ -105,7 +105,11 @@ class Trainer:
         self._par_cfg = dict(dp_mode=a.train.data_parallel, mixed_precision=a.train.mixed_precision,
                              gradient_checkpointing=a.model.gradient_checkpointing,
                              deepspeed=deepspeed_options(a.train, self.grad_accum))
-        self.model = parallelize(self.model, self.ps, self._par_cfg)
+        # A meta model has no weights to compare across ranks; prepare_meta_model compared the checkpoint.
+        self.model = parallelize(self.model, self.ps, {**self._par_cfg, "check_replicas": self._meta_load is None})
+        if self._meta_load is not None:
+            self._meta_load.load(self.model)  # allocate and fill this rank's shards
+            self._meta_load = None
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=a.train.lr, betas=tuple(a.train.betas),
                                            eps=1e-8)
         self.total_steps = self._total_steps()
@@ -171,22 +175,34 @@ class Trainer:
         path = checkout_path(resolve_model_path(a.model.require_model_path()))  # AutoConfig needs a real path
         tokenizer = load_tokenizer(checkout_path(a.model.tokenizer_path) or path)  # resolves embedded names
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.model.dtype]
-        if a.model.init_from_scratch:
-            from transformers import AutoConfig
 
-            from veomni.models.registry import build_model
+        def build_eager():  # the whole model on this rank
+            if a.model.init_from_scratch:
+                from transformers import AutoConfig
 
-            model = build_model(AutoConfig.from_pretrained(path), attn_impl=a.model.attn_impl)
-            model.init_weights()
-            model.to(dtype)
+                from veomni.models.registry import build_model
+
+                model = build_model(AutoConfig.from_pretrained(path), attn_impl=a.model.attn_impl)
+                model.init_weights()
+                return model.to(dtype)
+            return load_model(path, dtype=dtype, attn_impl=a.model.attn_impl)
+
+        self._meta_load = None
+        if a.model.meta_init and a.train.data_parallel == "fsdp2":
+            # Meta device now, this rank's shards only after parallelize (veomni/models/sharded_load.py).
+            from veomni.models.sharded_load import prepare_meta_model
+
+            model, self._meta_load = prepare_meta_model(path, tokenizer, a.model.mask_token, dtype, a.model.attn_impl,
+                                                        self.ps, a.model.init_from_scratch, build_eager)
         else:
-            model = load_model(path, dtype=dtype, attn_impl=a.model.attn_impl)
-        ensure_mask_token(model, tokenizer, a.model.mask_token)
+            model = build_eager()
+            ensure_mask_token(model, tokenizer, a.model.mask_token)
         # Record how this model is meant to be run, so inference and exports need no guessing.
         model.config.dllm_attn_mode = a.model.attn_mode
         model.config.dllm_block_size = a.model.block_size
         model.config.dllm_logit_shift = a.train.logit_shift
-        model.to(self.ps.device)
+        if self._meta_load is None:
+            model.to(self.ps.device)
         self._apply_freeze(model)
         from veomni.ops.registry import apply_ops
 
