@@ -139,6 +139,15 @@ def _is_tied(config) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False))
 
 
+def missing_weights_error(source, model, missing) -> KeyError:
+    """The error for a checkpoint that lacks weights the model needs (eager and sharded loading)."""
+    return KeyError(
+        f"{source}: checkpoint is missing {len(missing)} weight(s) our "
+        f"{type(model).__name__} needs: {missing[:20]}{' ...' if len(missing) > 20 else ''}"
+        + (" (an untied head needs lm_head.weight; is tie_word_embeddings right in config.json?)"
+           if HEAD_KEY in missing else ""))
+
+
 def _expected_keys(model) -> set:
     keys = set(model.state_dict().keys())  # non-persistent buffers (rotary inv_freq) are excluded
     if _is_tied(model.config):
@@ -163,12 +172,7 @@ def _finish_load(model, device, dtype: torch.dtype, loaded: set, source) -> torc
                     source, len(fresh), fresh[0], extras[fresh[0]])
         missing = [k for k in missing if k not in extras]
     if missing:
-        raise KeyError(
-            f"{source}: checkpoint is missing {len(missing)} weight(s) our "
-            f"{type(model).__name__} needs: {missing[:20]}{' ...' if len(missing) > 20 else ''}"
-            + (" (an untied head needs lm_head.weight; is tie_word_embeddings right in config.json?)"
-               if HEAD_KEY in missing else "")
-        )
+        raise missing_weights_error(source, model, missing)
     # assign=True put a new Parameter into embed_tokens; without this lm_head would still point at
     # the meta tensor and forward would fail with "Tensor on device meta".
     model.tie_weights()

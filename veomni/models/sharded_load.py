@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from veomni.models.hf_io import (HEAD_KEY, _expected_keys, _is_tied, _split_gguf, _strip_quantization,
-                                 _weight_files)
+                                 _weight_files, missing_weights_error)
 from veomni.models.mask_token import MaskPlan, apply_mask_plan, mean_row, plan_mask_token
 from veomni.models.registry import build_model, get_spec, text_config
 
@@ -183,11 +183,7 @@ class SafetensorsSource:
         self.constants = {k: extras[k] for k in missing if k in extras}
         missing = [k for k in missing if k not in extras]
         if missing:
-            raise KeyError(
-                f"{self.root}: checkpoint is missing {len(missing)} weight(s) our {type(model).__name__} "
-                f"needs: {missing[:20]}{' ...' if len(missing) > 20 else ''}"
-                + (" (an untied head needs lm_head.weight; is tie_word_embeddings right in config.json?)"
-                   if HEAD_KEY in missing else ""))
+            raise missing_weights_error(self.root, model, missing)
         if self.constants:
             first = next(iter(self.constants))
             logger.info("%s: %d dLLM parameter(s) not in the checkpoint, initialised (e.g. %s = %g)",
