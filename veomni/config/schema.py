@@ -191,8 +191,15 @@ class TrainArgs:
     max_consecutive_skips: int = cfg_field(
         5, help="A step with a non-finite loss or gradient norm is skipped (no update; logged and counted "
                 "as skipped_steps in metrics.jsonl); the run stops after this many in a row.")
-    objective: Literal["mdm", "ar"] = cfg_field(
-        "mdm", help="mdm: masked-diffusion loss; ar: next-token loss (needs model.attn_mode=causal).")
+    objective: Literal["mdm", "bd3lm", "ar"] = cfg_field(
+        "mdm", help="mdm: masked-diffusion loss; bd3lm: block diffusion, rows fed as [x_t ; x_0] so every "
+                    "noisy block is denoised from clean earlier blocks (needs model.attn_mode=block_causal and "
+                    "model.block_size; docs/recipes.md); ar: next-token loss (needs model.attn_mode=causal).")
+    bd3lm_t_per_block: bool = cfg_field(
+        True, help="bd3lm: draw the noise level t per block (BD3-LM, Fast-dLLM v2); false = per document.")
+    bd3lm_complementary: bool = cfg_field(
+        False, help="bd3lm: also train each row with the complementary mask (the eligible tokens the first "
+                    "copy left clean are masked), as Fast-dLLM v2 does; doubles the rows per micro-batch.")
     loss_weighting: Literal["inv_t", "none"] = cfg_field(
         "inv_t", help="Per-token weight of the MDM loss: inv_t = 1/t (the ELBO), none = 1.")
     loss_normalization: Literal["masked", "maskable"] = cfg_field(
@@ -443,3 +450,10 @@ class Arguments:
         _check(self.train.objective != "mdm" or self.model.attn_mode != "causal",
                "train.objective='mdm' needs model.attn_mode='bidirectional' or 'block_causal' (got 'causal'); "
                "use train.objective='ar' to train a causal model")
+        t = self.train
+        _check(t.objective != "bd3lm" or (self.model.attn_mode == "block_causal" and self.model.block_size),
+               f"train.objective='bd3lm' needs model.attn_mode='block_causal' and model.block_size (got "
+               f"'{self.model.attn_mode}', block_size {self.model.block_size})")
+        _check(t.objective == "bd3lm" or (t.bd3lm_t_per_block and not t.bd3lm_complementary),
+               f"train.bd3lm_t_per_block / train.bd3lm_complementary only apply to train.objective='bd3lm' "
+               f"(objective is '{t.objective}')")

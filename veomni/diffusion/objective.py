@@ -266,9 +266,14 @@ class ARObjective(_HeadObjective):
 
 
 def build_objective(name: str, **kwargs) -> _HeadObjective:
-    """'mdm' -> MDMObjective(**kwargs), 'ar' -> ARObjective(**kwargs)."""
+    """'mdm' -> MDMObjective, 'bd3lm' -> BD3LMObjective (veomni/diffusion/bd3lm.py), 'ar' -> ARObjective."""
     if name == "mdm":
         return MDMObjective(**kwargs)
+    if name == "bd3lm":
+        from veomni.diffusion.bd3lm import BD3LMObjective
+
+        return BD3LMObjective(**kwargs)
     if name == "ar":
         return ARObjective(**kwargs)
-    raise ValueError(f"unknown objective {name!r}; choose 'mdm' (masked diffusion) or 'ar' (causal baseline)")
+    raise ValueError(f"unknown objective {name!r}; choose 'mdm' (masked diffusion), 'bd3lm' (block diffusion) "
+                     "or 'ar' (causal baseline)")

@@ -113,9 +113,10 @@ def global_context(ctx, group):
         seg = None if meta.q_seg is None else gather_seq(meta.q_seg, group, 1)
         k_valid = None if meta.k_valid is None else gather_seq(meta.k_valid, group, 1)
         valid = None if ctx.valid is None else gather_seq(ctx.valid, group, 1)
+        clean = None if meta.q_clean is None else gather_seq(meta.q_clean, group, 1)
         idx = torch.arange(pos.shape[1], device=pos.device)
         gmeta = AttnMeta(mode=meta.mode, block_size=meta.block_size, q_idx=idx, k_idx=idx, q_pos=pos, k_pos=pos,
-                         k_valid=k_valid, q_seg=seg, k_seg=seg)
+                         k_valid=k_valid, q_seg=seg, k_seg=seg, q_clean=clean, k_clean=clean)
         return dataclasses.replace(ctx, meta=gmeta, valid=valid, memo={})
 
     return ctx.remember("sp_global_context", build)
@@ -195,7 +196,7 @@ def apply_sequence_parallel(model: nn.Module, ps) -> int:
 # ------------------------------------------------------------------------------- the batch side
 # Per-token model inputs and the value that fills the padding up to a multiple of P (padding is
 # invisible: attention_mask 0 and segment 0 keep it out of every mask, scan and router statistic).
-_PAD = {"input_ids": 0, "position_ids": 0, "segment_ids": 0, "attention_mask": 0}
+_PAD = {"input_ids": 0, "position_ids": 0, "segment_ids": 0, "attention_mask": 0, "clean_stream": False}
 
 
 def local_span(seq_len: int, sp_size: int, sp_rank: int) -> Tuple[int, int]:

@@ -12,6 +12,14 @@ Modes
   block_causal  key block <= query block, block = position_id // block_size (full attention inside a
                 block, causal across blocks: Fast-dLLM v2 / BD3-LM shape). Blocks follow position ids,
                 so they restart with every packed document and ignore left padding.
+                Two-stream rows (block-diffusion training, veomni/diffusion/bd3lm.py): a row holds
+                [x_t ; x_0], the noisy copy and the clean copy of the same tokens with the same
+                position ids, and `clean` marks the x_0 half. Then (BD3-LM's mask)
+                  noisy query -> noisy key   same block only (bidirectional inside the block)
+                  noisy query -> clean key   earlier blocks only (the clean history)
+                  clean query -> clean key   key block <= query block (block-causal)
+                  clean query -> noisy key   never
+                so a noisy block is denoised from clean history, never from another noisy block.
 Always combined with: key padding (attention_mask) and, for packed rows, same-segment only.
 """
 from __future__ import annotations
@@ -89,6 +97,8 @@ class AttnMeta:
     k_valid: Optional[torch.Tensor] = None  # [B, Sk] bool
     q_seg: Optional[torch.Tensor] = None  # [B, Sq]
     k_seg: Optional[torch.Tensor] = None  # [B, Sk]
+    q_clean: Optional[torch.Tensor] = None  # [B, Sq] bool: the x_0 half of a two-stream row
+    k_clean: Optional[torch.Tensor] = None  # [B, Sk] bool
 
     @property
     def is_plain_causal(self) -> bool:
@@ -116,9 +126,13 @@ def allowed_mask(meta: AttnMeta) -> torch.Tensor:
     elif meta.mode == "bidirectional":
         allowed = torch.ones(bsz, sq, sk, dtype=torch.bool, device=q_idx.device)
     else:  # block_causal
-        qb = torch.div(meta.q_pos, meta.block_size, rounding_mode="floor")
-        kb = torch.div(meta.k_pos, meta.block_size, rounding_mode="floor")
-        allowed = kb[:, None, :] <= qb[:, :, None]
+        qb = torch.div(meta.q_pos, meta.block_size, rounding_mode="floor")[:, :, None]
+        kb = torch.div(meta.k_pos, meta.block_size, rounding_mode="floor")[:, None, :]
+        if meta.q_clean is None:
+            allowed = kb <= qb
+        else:
+            qc, kc = meta.q_clean[:, :, None], meta.k_clean[:, None, :]
+            allowed = ((~qc & ~kc & (kb == qb)) | (~qc & kc & (kb < qb)) | (qc & kc & (kb <= qb)))
     if meta.q_seg is not None:
         allowed = allowed & (meta.q_seg[:, :, None] == meta.k_seg[:, None, :])
     if meta.k_valid is not None:
@@ -177,6 +191,9 @@ def flex_attention(q, k, v, meta: AttnMeta, scale: float) -> torch.Tensor:
     def mask_mod(b, h, qi, ki):
         if meta.mode == "causal":
             ok = k_idx[ki] <= q_idx[qi]
+        elif meta.mode == "block_causal" and meta.q_clean is not None:  # two-stream rows (see top)
+            qc, kc, q_b, k_b = meta.q_clean[b, qi], meta.k_clean[b, ki], qb[b, qi], kb[b, ki]
+            ok = (~qc & ~kc & (k_b == q_b)) | (~qc & kc & (k_b < q_b)) | (qc & kc & (k_b <= q_b))
         elif meta.mode == "block_causal":
             ok = kb[b, ki] <= qb[b, qi]
         else:

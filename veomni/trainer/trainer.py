@@ -258,11 +258,14 @@ class Trainer:
 
         t = self.args.train
         kwargs = dict(logit_shift=t.logit_shift, chunk_size=t.ce_chunk_size)
-        if t.objective == "mdm":
-            m = self.args.model
+        m = self.args.model
+        if t.objective in ("mdm", "bd3lm"):
             kwargs.update(weighting=t.loss_weighting, normalization=t.loss_normalization, eps=t.noise_eps,
-                          per_document=t.noise_per_document, mask_token_id=self.mask_token_id,
-                          attn_mode=m.attn_mode, block_size=m.block_size)
+                          mask_token_id=self.mask_token_id, block_size=m.block_size)
+        if t.objective == "mdm":
+            kwargs.update(per_document=t.noise_per_document, attn_mode=m.attn_mode)
+        elif t.objective == "bd3lm":
+            kwargs.update(t_per_block=t.bd3lm_t_per_block, complementary=t.bd3lm_complementary)
         self.objective = build_objective(t.objective, **kwargs)
 
     def _total_steps(self) -> int:
@@ -425,6 +428,9 @@ class Trainer:
         for mb, corr in zip(micro, corrs):
             seg = mb["segment_ids"].cpu()  # one device sync, then cheap host-side counting
             lens = [int(n) for row in seg for n in torch.bincount(row[row > 0]) if n > 0]
+            # bd3lm computes every row twice ([x_t ; x_0]; each copy of a block sees as many keys as
+            # one block_causal pass), and complementary copies double the rows again.
+            lens = lens * getattr(self.objective, "streams", 1) * (corr.masked.shape[0] // mb["input_ids"].shape[0])
             total += fn(cfg, lens, head_tokens=int(corr.targets.numel()), attn_mode=self.objective.attn_mode,
                         block_size=self.objective.block_size, trainable=self._trainability)
         return total

@@ -268,9 +268,21 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, segment_ids=None,
                 attn_mode="causal", block_size=None, attn_impl="sdpa", past_key_values=None,
-                cache_position=None, inputs_embeds=None, router_stats: Optional[list] = None):
-        """router_stats: a list that MoE layers append their RouterStats to (None = discard)."""
+                cache_position=None, inputs_embeds=None, router_stats: Optional[list] = None,
+                clean_stream=None, hidden_states_out: Optional[list] = None):
+        """router_stats: a list that MoE layers append their RouterStats to (None = discard).
+        clean_stream: [B, S] bool, the x_0 half of two-stream block-diffusion rows (see
+        veomni/ops/attention.py); block_causal only, no cache.
+        hidden_states_out: a list that receives the embedding output and every layer's output
+        (num_layers + 1 tensors, before the final norm), for representation alignment."""
         check_attention(attn_mode, attn_impl, block_size)
+        if clean_stream is not None:
+            if attn_mode != "block_causal":
+                raise ValueError(f"clean_stream (two-stream block-diffusion rows) needs attn_mode='block_causal', "
+                                 f"got {attn_mode!r}")
+            if past_key_values is not None:
+                raise ValueError("clean_stream is a training layout; it cannot be combined with a KV cache "
+                                 "(block-diffusion models decode one stream, block by block).")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         bsz, slen = x.shape[:2]
         dev = x.device
@@ -302,13 +314,18 @@ class DecoderModel(nn.Module):
         meta = AttnMeta(
             mode=attn_mode, block_size=block_size, q_idx=cache_position, k_idx=k_idx,
             q_pos=position_ids, k_pos=k_pos, k_valid=k_valid, q_seg=segment_ids, k_seg=segment_ids,
+            q_clean=clean_stream, k_clean=clean_stream,
         )
         cos, sin = self.rotary_emb(x, position_ids)
         ctx = LayerContext(cos, sin, meta, attn_impl, past_key_values, cache_position, token_valid)
+        if hidden_states_out is not None:
+            hidden_states_out.append(x)
         for layer in self.layers:
             x, stats = layer(x, ctx)
             if stats is not None and router_stats is not None:
                 router_stats.append(stats)
+            if hidden_states_out is not None:
+                hidden_states_out.append(x)
         return self.norm(x)
 
 
@@ -419,7 +436,8 @@ class DecoderForCausalLM(nn.Module):
                 attn_mode: Optional[str] = None, block_size: Optional[int] = None,
                 past_key_values: Optional[KVCache] = None, cache_position=None, inputs_embeds=None,
                 loss_fn: Optional[Callable] = None, use_cache: bool = False, return_dict: bool = True,
-                logits_to_keep: Optional[torch.Tensor] = None) -> CausalLMOutput:
+                logits_to_keep: Optional[torch.Tensor] = None, clean_stream: Optional[torch.Tensor] = None,
+                hidden_states_out: Optional[list] = None) -> CausalLMOutput:
         """Run the model.
 
         attn_mode: 'causal' | 'bidirectional' | 'block_causal' (needs block_size); falls back only
@@ -430,6 +448,9 @@ class DecoderForCausalLM(nn.Module):
         loss_fn: called as loss_fn(hidden_states, lm_head.weight) inside forward (so FSDP has the
             head unsharded); its result is returned as `loss` and no logits are computed.
         logits_to_keep: optional index tensor of positions to compute logits for (saves the head).
+        clean_stream: [B, S] bool marking the clean half of block-diffusion training rows [x_t ; x_0]
+            (block_causal only; veomni/ops/attention.py has the mask).
+        hidden_states_out: a list to receive the embedding output and each layer's output.
         """
         attn_mode, block_size = self.resolve_attn_mode(attn_mode, block_size)
         if use_cache and past_key_values is None:
@@ -440,6 +461,7 @@ class DecoderForCausalLM(nn.Module):
             segment_ids=segment_ids, attn_mode=attn_mode, block_size=block_size,
             attn_impl=self.attn_impl, past_key_values=past_key_values,
             cache_position=cache_position, inputs_embeds=inputs_embeds, router_stats=stats,
+            clean_stream=clean_stream, hidden_states_out=hidden_states_out,
         )
         stats = stats or None
         if loss_fn is not None:

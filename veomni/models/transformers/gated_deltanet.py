@@ -182,6 +182,11 @@ class GatedDeltaNet(nn.Module):
         return o
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        if ctx.meta.q_clean is not None:
+            # [x_t ; x_0] would run one recurrence through the noisy copy into the clean one.
+            raise ValueError("two-stream block-diffusion rows (train.objective=bd3lm) cannot pass through gated "
+                             "DeltaNet recurrences; train hybrids with train.objective=mdm and "
+                             "model.attn_mode=block_causal instead.")
         if ctx.valid is not None:
             x = x * ctx.valid[..., None].to(x.dtype)
         bsz, slen, _ = x.shape
