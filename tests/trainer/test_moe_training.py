@@ -142,11 +142,11 @@ def test_backward_loss_is_ce_plus_router_terms_over_accumulated_micro_batches(
     assert len(calls) == 2 and valid[0] != valid[1] and max(valid) < 2 * 64, valid
     ce, aux, z, counts = _by_hand(before, calls, aux_coef, z_coef)
     assert m["loss"] == pytest.approx(ce.item(), rel=1e-6)  # the CE alone, comparable with dense runs
-    assert m["moe"]["moe_aux_loss"] == pytest.approx(aux.item(), rel=1e-5)
-    assert m["moe"]["moe_z_loss"] == pytest.approx(z.item(), rel=1e-5)
+    assert m["extra"]["moe_aux_loss"] == pytest.approx(aux.item(), rel=1e-5)
+    assert m["extra"]["moe_z_loss"] == pytest.approx(z.item(), rel=1e-5)
     ratio = (counts.max(1).values / counts.mean(1)).tolist()
-    assert m["moe"]["expert_load"] == pytest.approx(ratio, abs=1e-4)
-    assert m["moe"]["expert_load_max"] == pytest.approx(max(ratio), abs=1e-4)
+    assert m["extra"]["expert_load"] == pytest.approx(ratio, abs=1e-4)
+    assert m["extra"]["expert_load_max"] == pytest.approx(max(ratio), abs=1e-4)
 
     (ce + aux_coef * aux + z_coef * z).backward()
     expected = {n: p.grad for n, p in before.named_parameters()}

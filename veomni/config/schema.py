@@ -195,6 +195,22 @@ class TrainArgs:
         "mdm", help="mdm: masked-diffusion loss; bd3lm: block diffusion, rows fed as [x_t ; x_0] so every "
                     "noisy block is denoised from clean earlier blocks (needs model.attn_mode=block_causal and "
                     "model.block_size; docs/recipes.md); ar: next-token loss (needs model.attn_mode=causal).")
+    repr_align_weight: float = cfg_field(
+        0.0, help="Repr-Align (Open-dLLM): weight of 1 - cosine between the student's hidden states and the "
+                  "frozen AR model's (causal, clean input) at the rows whose next token is masked; 0 = off, "
+                  "the paper uses 10 (docs/recipes.md).")
+    align_layers: list[int] = cfg_field(
+        [], help="Repr-Align: hidden states to align, HF's numbering (0 = embedding output, L = final normed "
+                 "output, negatives from the end); [] = all L + 1.")
+    align_token_fraction: float = cfg_field(
+        1.0, help="Repr-Align: align a random fraction of the eligible rows of each micro-batch.")
+    align_layer_fraction: float = cfg_field(
+        1.0, help="Repr-Align: align a random fraction of align_layers per micro-batch.")
+    align_teacher_path: Optional[str] = cfg_field(
+        None, help="Repr-Align: the frozen teacher; none = model.model_path (the AR model training starts from).")
+    align_cache_dir: Optional[str] = cfg_field(
+        None, help="Repr-Align: read the teacher's hidden states from an anchor cache built by "
+                   "scripts/precompute_anchors.py instead of running the teacher every step.")
     bd3lm_t_per_block: bool = cfg_field(
         True, help="bd3lm: draw the noise level t per block (BD3-LM, Fast-dLLM v2); false = per document.")
     bd3lm_complementary: bool = cfg_field(
@@ -305,6 +321,9 @@ class TrainArgs:
     def _check_moe(self) -> None:
         _at_least("train.expert_parallel_size", self.expert_parallel_size, 1)
         _at_least("train.ulysses_parallel_size", self.ulysses_parallel_size, 1)
+        _at_least("train.repr_align_weight", self.repr_align_weight, 0.0)
+        _between("train.align_token_fraction", self.align_token_fraction, 0.0, 1.0, low_open=True)
+        _between("train.align_layer_fraction", self.align_layer_fraction, 0.0, 1.0, low_open=True)
         _at_least("train.router_aux_loss_coef", self.router_aux_loss_coef, 0.0)
         _at_least("train.router_z_loss_coef", self.router_z_loss_coef, 0.0)
 

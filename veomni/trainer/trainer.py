@@ -89,6 +89,9 @@ class Trainer:
         from veomni.trainer.moe_terms import MoETerms
 
         self.moe = MoETerms.build(a.train, self.model, self.ps)  # None for dense models (refuses router coefs)
+        from veomni.trainer.align_terms import AlignTerms
+
+        self.align = AlignTerms.build(a, self.model, self.ps)  # None unless train.repr_align_weight > 0
         self.mask_token_id = self.model.config.mask_token_id
         self._build_data()
         self._build_objective()
@@ -331,13 +334,15 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.ps.device, non_blocking=True) for k, v in batch.items()}
 
-    def _forward(self, mb: dict, corr, denom):
+    def _forward(self, mb: dict, corr, denom, hidden_states_out=None):
         """The model call of one micro-batch with its loss inside; under sequence parallelism on this
-        rank's slice of the sequence (inputs and loss rows sliced alike, after the corruption)."""
+        rank's slice of the sequence (inputs and loss rows sliced alike, after the corruption).
+        hidden_states_out: a list for the student's hidden states (Repr-Align)."""
         from veomni.distributed.sequence_parallel import sp_shard
 
         inputs, rows = sp_shard(self.objective.model_inputs(mb, corr), self.objective.scored_rows(corr), self.ps)
-        return self.model(**inputs, loss_fn=self.objective.loss_fn(corr, denom, rows=rows))
+        extra = {} if hidden_states_out is None else {"hidden_states_out": hidden_states_out}
+        return self.model(**inputs, loss_fn=self.objective.loss_fn(corr, denom, rows=rows), **extra)
 
     def _next_batch(self) -> dict:
         if self._iter is not None:
@@ -364,10 +369,12 @@ class Trainer:
                                                            i * self.ps.dp_size + self.ps.dp_rank))
                  for i, mb in enumerate(micro)]  # 2.
         tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))  # valid (non-padding) tokens
+        align = self.align
+        pairs = 0 if align is None else align.start_step(micro, corrs, self.step)  # Repr-Align rows x layers
         # fp64: token counts of large global batches stay exact.
-        local = torch.tensor([float(sum(self.objective.num_loss_tokens(c) for c in corrs)), float(tokens)],
-                             dtype=torch.float64, device=self.ps.device)
-        global_denom, global_tokens = self.ps.all_reduce_sum(local).tolist()  # 3. (over dp: sp ranks share rows)
+        local = torch.tensor([float(sum(self.objective.num_loss_tokens(c) for c in corrs)), float(tokens),
+                              float(pairs)], dtype=torch.float64, device=self.ps.device)
+        global_denom, global_tokens, global_pairs = self.ps.all_reduce_sum(local).tolist()  # 3. (over dp)
         moe = self.moe
         if moe is not None:
             moe.start_step(global_tokens)  # the router losses are means over all valid tokens
@@ -377,20 +384,25 @@ class Trainer:
         for i, (mb, corr) in enumerate(zip(micro, corrs)):  # 4.
             sync = self.ps.no_sync(self.model) if i < len(micro) - 1 else contextlib.nullcontext()
             with sync, self._autocast():
-                out = self._forward(mb, corr, global_denom)
+                hidden = None if align is None else []
+                out = self._forward(mb, corr, global_denom, hidden_states_out=hidden)
                 total = out.loss
                 if moe is not None:  # the router sees every valid token, masked and clean
                     term = moe.add(out.router_stats)
                     total = total if term is None else total + term
+                if align is not None:  # hidden states kept near the frozen AR model's
+                    total = total + align.add(i, hidden, global_pairs)
                 backward(self.model, total * self.ps.grad_average_size)  # DeepSpeed: through its engine
             loss_sum += out.loss.detach()  # `loss` stays the diffusion / CE loss, comparable with dense runs
         # Every rank (dp x sp) holds a share of the loss: sum over all of them.
-        moe_metrics = {}
+        extra = {}  # MoE router and Repr-Align metrics
         if moe is None:
             loss = self.ps.all_reduce_sum(loss_sum, "world").item()
         else:  # one all-reduce for the loss and the router sums
             sums = self.ps.all_reduce_sum(torch.cat([loss_sum.reshape(1).float(), moe.local_sums()]), "world")
-            loss, moe_metrics = sums[0].item(), moe.metrics(sums[1:])
+            loss, extra = sums[0].item(), moe.metrics(sums[1:])
+        if align is not None:
+            extra.update(align.metrics(self.ps.all_reduce_sum(align.local_sum(), "world"), global_pairs))
         from veomni.distributed import clip_grad_norm_
 
         max_norm = a.train.max_grad_norm if a.train.max_grad_norm > 0 else float("inf")
@@ -417,7 +429,7 @@ class Trainer:
         flops = self._step_flops(micro, corrs) / self.ps.sp_size
         tokens = tokens / self.ps.sp_size
         return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "flops": flops,
-                "skipped": int(skipped), "moe": moe_metrics}
+                "skipped": int(skipped), "extra": extra}
 
     def _step_flops(self, micro, corrs) -> float:
         from veomni.models.registry import get_spec
@@ -502,7 +514,7 @@ class Trainer:
                         "tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"],
                         "tokens_seen": self.tokens_seen, "epoch": self.loader.epoch,
                         "skipped": m["skipped"], "skipped_steps": self.skipped_steps,
-                        **m["moe"], **memory_stats(self.ps.device)}
+                        **m["extra"], **memory_stats(self.ps.device)}
                 self.run_logger.log(last, self.step)
                 thr.reset()
                 if bar is not None:

@@ -273,8 +273,9 @@ class DecoderModel(nn.Module):
         """router_stats: a list that MoE layers append their RouterStats to (None = discard).
         clean_stream: [B, S] bool, the x_0 half of two-stream block-diffusion rows (see
         veomni/ops/attention.py); block_causal only, no cache.
-        hidden_states_out: a list that receives the embedding output and every layer's output
-        (num_layers + 1 tensors, before the final norm), for representation alignment."""
+        hidden_states_out: a list that receives num_layers + 1 hidden states as HF's
+        output_hidden_states does: the embedding output, the outputs of layers 1..L-1, and the last
+        layer's output after the final norm (for representation alignment)."""
         check_attention(attn_mode, attn_impl, block_size)
         if clean_stream is not None:
             if attn_mode != "block_causal":
@@ -326,7 +327,10 @@ class DecoderModel(nn.Module):
                 router_stats.append(stats)
             if hidden_states_out is not None:
                 hidden_states_out.append(x)
-        return self.norm(x)
+        x = self.norm(x)
+        if hidden_states_out is not None:
+            hidden_states_out[-1] = x  # HF's convention: the last entry is after the final norm
+        return x
 
 
 class DecoderForCausalLM(nn.Module):
@@ -450,7 +454,7 @@ class DecoderForCausalLM(nn.Module):
         logits_to_keep: optional index tensor of positions to compute logits for (saves the head).
         clean_stream: [B, S] bool marking the clean half of block-diffusion training rows [x_t ; x_0]
             (block_causal only; veomni/ops/attention.py has the mask).
-        hidden_states_out: a list to receive the embedding output and each layer's output.
+        hidden_states_out: a list to receive the L + 1 hidden states (HF's output_hidden_states).
         """
         attn_mode, block_size = self.resolve_attn_mode(attn_mode, block_size)
         if use_cache and past_key_values is None:
