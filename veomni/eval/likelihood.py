@@ -1,7 +1,8 @@
 """Likelihood of a text under our models: masked-diffusion ELBO (Monte Carlo) and exact AR.
 
-    from veomni.eval.likelihood import mc_elbo, ar_loglik
+    from veomni.eval.likelihood import mc_elbo, block_elbo, ar_loglik
     r = mc_elbo(model, prompt_ids, target_ids, mc_num=128, batch_size=32, mask_id=m, logit_shift=True)
+    r = block_elbo(model, prompt_ids, target_ids, block_size=32)   # block-diffusion (bd3lm) models
     r["nll"]          # estimate of an upper bound on -log p(target | prompt), nats
     ll = ar_loglik(model, ids, prompt_len)["loglik"]     # exact sum log p(ids[t] | ids[:t]), t >= prompt_len
 
@@ -86,6 +87,69 @@ def mc_elbo(model, prompt_ids, target_ids, mc_num: int = 128, batch_size: int = 
                              reduction="none").view(b, T)
         weight = torch.tensor([T / m for m in counts], device=dev)
         per_copy.append(((ce * masked).sum(1) * weight).cpu())
+    est = torch.cat(per_copy).double()
+    nll = float(est.mean())
+    stderr = float(est.std(unbiased=True) / math.sqrt(est.numel())) if est.numel() > 1 else float("nan")
+    return dict(nll=nll, elbo=-nll, nll_per_token=nll / T, ppl_bound=math.exp(nll / T), stderr=stderr,
+                n_tokens=T, mc_num=mc_num)
+
+
+@torch.no_grad()
+def block_elbo(model, prompt_ids, target_ids, block_size: Optional[int] = None, mc_num: int = 128,
+               batch_size: int = 32, mask_id: Optional[int] = None, logit_shift: Optional[bool] = None,
+               generator: Optional[torch.Generator] = None) -> dict:
+    """Monte-Carlo ELBO of `target_ids` given `prompt_ids` under a BLOCK-diffusion model (trained with
+    train.objective=bd3lm): the sum over blocks of each block's masked-diffusion bound given the
+    clean blocks before it, computed in one forward over two-stream rows [x_t ; x_0] (the training
+    layout, veomni/diffusion/bd3lm.py). Blocks are position blocks (position // block_size; the
+    first target block may share its block with the end of the prompt). In every mini-batch each
+    block draws its own k and LLaDA's stratified counts over its target tokens (`mc_elbo`), so every
+    block's term is an unbiased estimate of its bound. Same return keys as mc_elbo.
+
+    mc_elbo applied to a block-causal model masks across blocks and scores later blocks given noisy
+    earlier ones: a looser bound than the one such a model is trained and decoded with."""
+    cfg = getattr(model, "config", None)
+    mask_id = getattr(cfg, "mask_token_id", None) if mask_id is None else mask_id
+    block_size = getattr(cfg, "dllm_block_size", None) if block_size is None else block_size
+    if mask_id is None or not block_size:
+        raise ValueError("block_elbo needs a mask token and a block size (a model trained with train.objective="
+                         "bd3lm records both: config.mask_token_id, config.dllm_block_size)")
+    if logit_shift is None:
+        logit_shift = bool(getattr(cfg, "dllm_logit_shift", True) if cfg is not None else True)
+    prompt, target = _as_1d(prompt_ids), _as_1d(target_ids)
+    T, P = target.numel(), prompt.numel()
+    if T == 0 or (logit_shift and P == 0):
+        raise ValueError("block_elbo: need a non-empty target, and a prompt token before it for a shifted model")
+    if mc_num < 1 or batch_size < 1 or mc_num % batch_size:
+        raise ValueError(f"mc_num ({mc_num}) must be a positive multiple of batch_size ({batch_size})")
+    dev = next(model.parameters()).device
+    seq = torch.cat([prompt, target]).to(dev)
+    n = P + T
+    block = torch.arange(P, n) // block_size  # block of each target token
+    groups = [torch.nonzero(block == b)[:, 0] for b in block.unique()]
+    pos = torch.arange(n, device=dev).repeat(2)[None]
+    clean = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(dev)[None]
+    per_copy = []
+    for _ in range(mc_num // batch_size):
+        b = batch_size
+        masked = torch.zeros(b, T, dtype=torch.bool)
+        weight = torch.zeros(b, T)
+        for idx in groups:  # each block: its own stratified counts
+            tb = idx.numel()
+            counts = stratified_mask_counts(int(torch.randint(1, tb + 1, (), generator=generator)), tb, b)
+            for j, m in enumerate(counts):
+                masked[j, idx[torch.randperm(tb, generator=generator)[:m]]] = True
+                weight[j, idx] = tb / m
+        masked, weight = masked.to(dev), weight.to(dev)
+        noisy = seq.repeat(b, 1)
+        noisy[:, P:] = torch.where(masked, torch.full_like(masked, mask_id, dtype=torch.long), noisy[:, P:])
+        x = torch.cat([noisy, seq.repeat(b, 1)], dim=1)
+        logits = model(x, position_ids=pos.expand(b, -1), clean_stream=clean.expand(b, -1), attn_mode="block_causal",
+                       block_size=block_size).logits[:, :n].float()
+        tgt_logits = logits[:, P - 1:n - 1] if logit_shift else logits[:, P:n]
+        ce = F.cross_entropy(tgt_logits.reshape(-1, tgt_logits.shape[-1]), seq[P:].repeat(b),
+                             reduction="none").view(b, T)
+        per_copy.append((ce * masked * weight).sum(1).cpu())
     est = torch.cat(per_copy).double()
     nll = float(est.mean())
     stderr = float(est.std(unbiased=True) / math.sqrt(est.numel())) if est.numel() > 1 else float("nan")
