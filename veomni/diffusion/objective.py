@@ -266,9 +266,14 @@ class ARObjective(_HeadObjective):
 
 
 def build_objective(name: str, **kwargs) -> _HeadObjective:
-    """'mdm' -> MDMObjective(**kwargs), 'ar' -> ARObjective(**kwargs)."""
+    """'mdm' -> MDMObjective(**kwargs), 'ar' -> ARObjective(**kwargs), 'd3llm' -> D3LLMObjective(**kwargs)."""
     if name == "mdm":
         return MDMObjective(**kwargs)
     if name == "ar":
         return ARObjective(**kwargs)
-    raise ValueError(f"unknown objective {name!r}; choose 'mdm' (masked diffusion) or 'ar' (causal baseline)")
+    if name == "d3llm":  # teacher-trajectory masking (veomni/diffusion/d3llm.py)
+        from veomni.diffusion.d3llm import D3LLMObjective
+
+        return D3LLMObjective(**kwargs)
+    raise ValueError(f"unknown objective {name!r}; choose 'mdm' (masked diffusion), 'ar' (causal baseline) or "
+                     "'d3llm' (teacher trajectories)")

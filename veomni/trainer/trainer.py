@@ -263,7 +263,18 @@ class Trainer:
             kwargs.update(weighting=t.loss_weighting, normalization=t.loss_normalization, eps=t.noise_eps,
                           per_document=t.noise_per_document, mask_token_id=self.mask_token_id,
                           attn_mode=m.attn_mode, block_size=m.block_size)
+        elif t.objective == "d3llm":  # teacher-trajectory masking; loads data.trajectory_path
+            from veomni.diffusion.d3llm import d3llm_objective_kwargs
+
+            kwargs = d3llm_objective_kwargs(self.args, self.mask_token_id)
         self.objective = build_objective(t.objective, **kwargs)
+
+    def _set_progress(self, step: int) -> None:
+        """Objectives with a curriculum (d3llm) take the training progress from the step number, so a
+        resumed run continues it exactly; evaluation passes total_steps (the final, fixed state)."""
+        hook = getattr(self.objective, "set_progress", None)
+        if hook is not None:
+            hook(step, self.total_steps, None if self.loader.streaming else len(self.loader) / self.grad_accum)
 
     def _total_steps(self) -> int:
         t = self.args.train
@@ -352,6 +363,7 @@ class Trainer:
 
         a = self.args
         micro = [self._to_device(self._next_batch()) for _ in range(self.grad_accum)]  # 1.
+        self._set_progress(self.step)
         # The noise of a micro-batch is keyed by its index in the global batch
         # (micro_step * dp_size + dp_rank: the loader hands rank r the r-th slice of each global
         # micro-batch). So 1 process x 2 accumulation steps draws exactly the noise of 2 processes,
@@ -366,8 +378,8 @@ class Trainer:
                              dtype=torch.float64, device=self.ps.device)
         global_denom, global_tokens = self.ps.all_reduce_sum(local).tolist()  # 3. (over dp: sp ranks share rows)
         moe = self.moe
-        if moe is not None:
-            moe.start_step(global_tokens)  # the router losses are means over all valid tokens
+        if moe is not None:  # the router losses are means over all valid tokens (of every copy of a row)
+            moe.start_step(global_tokens * getattr(self.objective, "passes", 1))
 
         self.model.train()
         loss_sum = torch.zeros((), device=self.ps.device)
@@ -425,6 +437,7 @@ class Trainer:
         for mb, corr in zip(micro, corrs):
             seg = mb["segment_ids"].cpu()  # one device sync, then cheap host-side counting
             lens = [int(n) for row in seg for n in torch.bincount(row[row > 0]) if n > 0]
+            lens = lens * getattr(self.objective, "passes", 1)  # d3llm's complementary copy of each row
             total += fn(cfg, lens, head_tokens=int(corr.targets.numel()), attn_mode=self.objective.attn_mode,
                         block_size=self.objective.block_size, trainable=self._trainability)
         return total
@@ -451,6 +464,7 @@ class Trainer:
         # stateful loader went on where the previous eval stopped, and the batch fetched to test
         # `i >= limit` was consumed unscored: each eval scored a different subset.)
         self.eval_loader.set_epoch(0)
+        self._set_progress(self.total_steps)
         batches = iter(self.eval_loader)
         if limit:
             batches = itertools.islice(batches, limit)
@@ -496,7 +510,8 @@ class Trainer:
                         "tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"],
                         "tokens_seen": self.tokens_seen, "epoch": self.loader.epoch,
                         "skipped": m["skipped"], "skipped_steps": self.skipped_steps,
-                        **m["moe"], **memory_stats(self.ps.device)}
+                        **m["moe"], **getattr(self.objective, "progress_metrics", dict)(),
+                        **memory_stats(self.ps.device)}
                 self.run_logger.log(last, self.step)
                 thr.reset()
                 if bar is not None:
