@@ -117,12 +117,12 @@ def make_store(tmp_path, examples, block=8, name="store"):
     return TrajectoryStore(tmp_path / name)
 
 
-def random_examples(rng, count, prompt_range=(1, 5), resp_range=(3, 21), block=8):
+def random_examples(rng, count, prompt_range=(1, 5), resp_range=(3, 21), block=8, vocab=MASK):
     out = []
     for _ in range(count):
         p = int(rng.integers(*prompt_range))
         n = int(rng.integers(*resp_range))
-        ids = rng.integers(0, MASK, p + n)
+        ids = rng.integers(0, vocab, p + n)
         gen = -(-n // block) * block
         out.append((ids, p, teacher_like_order(gen, block, rng)[:n]))
     return out
@@ -240,25 +240,34 @@ def test_packed_rows_invariants_over_seeds(tmp_path):
         assert torch.equal(inputs["segment_ids"], batch["segment_ids"].repeat(2, 1))
 
 
-def test_loss_is_the_mean_ce_over_scored_tokens_of_both_copies(tmp_path):
+@pytest.mark.parametrize("entropy_weight", [0.0, 0.7])
+def test_loss_is_the_mean_ce_over_scored_tokens_of_both_copies(tmp_path, entropy_weight):
+    """Global normalisation: the micro-batch shares add up to (sum of CE [+ w * H on correct
+    predictions] over every scored token of both copies) / the scored-token count."""
     rng = np.random.default_rng(2)
-    examples = random_examples(rng, 4)
+    examples = random_examples(rng, 4, vocab=3)  # targets in {0, 1, 2}: the head below gets some right
     store = make_store(tmp_path, examples)
     batch = sft_batch([[(e[0], e[1]) for e in examples[:2]], [(e[0], e[1]) for e in examples[2:]]], 40)
-    obj = objective(store)
+    obj = objective(store, entropy_weight=entropy_weight, entropy_temperature=0.5)
     corrs = [obj.prepare(batch, make_generator(0, 0, 0, m)) for m in range(2)]
     denom = sum(obj.num_loss_tokens(c) for c in corrs)
     g = torch.Generator().manual_seed(3)
     emb, head = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
-    total, naive = 0.0, 0.0
+    head[:3] *= 5
+    total, ce, ent, n_correct = 0.0, 0.0, 0.0, 0
     for c in corrs:
         hidden = torch.tanh(emb[c.noisy_ids])  # [2B, S, H]
-        total += float(obj.loss_fn(c, denom)(hidden, head))
+        total += obj.loss_fn(c, denom)(hidden, head).item()
         logits = hidden @ head.t()
         for b, i in c.masked.nonzero().tolist():  # logit shift: token i from position i - 1
-            naive += float(F.cross_entropy(logits[b, i - 1][None], c.noisy_ids.new_tensor([int(
-                batch["input_ids"][b % 2, i])])))
-    assert total == pytest.approx(naive / denom, rel=1e-5)
+            z, target = logits[b, i - 1], int(batch["input_ids"][b % 2, i])
+            ce += F.cross_entropy(z[None], torch.tensor([target])).item()
+            if int(z.argmax()) == target:
+                q = torch.softmax(z / 0.5, -1)
+                ent += -(q * torch.log(q + 1e-12)).sum().item()
+                n_correct += 1
+    assert n_correct >= 3 and ent > 0.01 * ce  # the entropy term is exercised and not negligible
+    assert total == pytest.approx((ce + entropy_weight * ent) / denom, rel=1e-6)
 
 
 def test_random_mask_baseline_and_no_complementary():

@@ -184,6 +184,11 @@ class D3LLMArgs:
                                                "row in the same forward: 2x the activations).")
     random_mask: bool = cfg_field(False, help="d3LLM's naive baseline: mask the block at random with the same "
                                               "curriculum instead of by the teacher's order (no trajectories).")
+    entropy_weight: float = cfg_field(
+        0.0, help="Weight of the certainty term: the entropy of softmax(logits / entropy_temperature) at scored "
+                  "tokens the model predicts correctly, summed and divided by the scored-token count like the CE "
+                  "(d3LLM: 1.0 with a per-batch mean over the correct tokens; docs/recipes.md). 0 = off.")
+    entropy_temperature: float = cfg_field(0.5, help="Softmax temperature of the certainty term (d3LLM: 0.5).")
 
     def __post_init__(self) -> None:
         _between("train.d3llm.min_mask_ratio", self.min_mask_ratio, 0.0, 1.0)
@@ -192,6 +197,8 @@ class D3LLMArgs:
                f"train.d3llm.min_mask_ratio={self.min_mask_ratio} exceeds max_mask_ratio={self.max_mask_ratio}")
         _check(len(self.block_sizes) > 0 and all(b >= 1 for b in self.block_sizes),
                f"train.d3llm.block_sizes must be a non-empty list of ints >= 1, got {self.block_sizes}")
+        _at_least("train.d3llm.entropy_weight", self.entropy_weight, 0.0)
+        _between("train.d3llm.entropy_temperature", self.entropy_temperature, 0.0, float("inf"), low_open=True)
 
 
 @dataclass

@@ -44,8 +44,9 @@ import numpy as np
 import torch
 
 from veomni.diffusion.noise import Corruption, _check_batch, _positions, eligible_positions
-from veomni.diffusion.objective import _HeadObjective
+from veomni.diffusion.objective import ScoredRows, _denominator, _HeadObjective
 from veomni.ops.chunked_ce import DEFAULT_CHUNK_SIZE
+from veomni.ops.chunked_entropy import chunked_linear_correct_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ class D3LLMObjective(_HeadObjective):
     def __init__(self, *, mask_token_id: int, store=None, attn_mode: str = "bidirectional",
                  block_size: Optional[int] = None, logit_shift: bool = True, min_mask_ratio: float = 0.0,
                  max_mask_ratio: float = 0.8, block_sizes: Sequence[int] = (32,), blockwise: bool = True,
-                 complementary: bool = True, random_mask: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
+                 complementary: bool = True, random_mask: bool = False, entropy_weight: float = 0.0,
+                 entropy_temperature: float = 0.5, chunk_size: int = DEFAULT_CHUNK_SIZE):
         if attn_mode != "bidirectional" or block_size is not None:
             raise ValueError(f"train.objective=d3llm trains a bidirectional model (d3LLM's Dream/LLaDA); got "
                              f"attn_mode={attn_mode!r}, block_size={block_size!r}. Set model.attn_mode=bidirectional")
@@ -150,6 +152,10 @@ class D3LLMObjective(_HeadObjective):
             raise ValueError("D3LLMObjective needs a trajectory store (data.trajectory_path), or random_mask=True")
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if entropy_weight < 0 or not entropy_temperature > 0:
+            raise ValueError(f"need entropy_weight >= 0 and entropy_temperature > 0, got {entropy_weight}, "
+                             f"{entropy_temperature}")
+        self.entropy_weight, self.entropy_temperature = float(entropy_weight), float(entropy_temperature)
         self.attn_mode, self.block_size = attn_mode, None
         self.mask_token_id = mask_token_id
         self.store = store
@@ -162,7 +168,9 @@ class D3LLMObjective(_HeadObjective):
         self.chunk_size = chunk_size
         # Copies of each row in the forward: the trainer scales FLOPs (and MoE token counts) by it.
         self.passes = 2 if self.complementary else 1
-        self.set_progress(0, 0, None)
+        # The state of step 0 until the trainer calls set_progress.
+        self.r_floor = self.min_mask_ratio
+        self.current_block_size = sizes[0] if self.blockwise else None
 
     # ------------------------------------------------------------------ curriculum
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: Optional[float]) -> None:
@@ -255,6 +263,27 @@ class D3LLMObjective(_HeadObjective):
     def _token_weights(self, corr: Corruption) -> torch.Tensor:
         return torch.ones(corr.targets.numel(), dtype=torch.float32, device=corr.targets.device)
 
+    def loss_fn(self, corr: Corruption, global_denominator, rows: Optional[ScoredRows] = None):
+        """CE share as every objective's, plus with entropy_weight > 0 the certainty term:
+        entropy_weight * sum over scored tokens predicted correctly (argmax) of the entropy of
+        softmax(logits / entropy_temperature), over the same global denominator."""
+        ce = super().loss_fn(corr, global_denominator, rows=rows)
+        if not self.entropy_weight:
+            return ce
+        rows = self.scored_rows(corr) if rows is None else rows
+        denom = _denominator(global_denominator, rows.targets.numel())
+        weights = rows.weights * (self.entropy_weight / denom if denom > 0 else 0.0)
+        positions, targets, temperature, chunk_size = rows.positions, rows.targets, self.entropy_temperature, self.chunk_size
+
+        def fn(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+            loss = ce(hidden, head_weight)  # checks the hidden shape
+            pos = positions.to(hidden.device)
+            return loss + chunked_linear_correct_entropy(hidden[pos[:, 0], pos[:, 1]], head_weight,
+                                                         targets.to(hidden.device), weights.to(hidden.device),
+                                                         temperature, chunk_size)
+
+        return fn
+
 
 def d3llm_objective_kwargs(args, mask_token_id: int) -> dict:
     """D3LLMObjective keyword arguments from the run config (the store is loaded here)."""
@@ -274,4 +303,5 @@ def d3llm_objective_kwargs(args, mask_token_id: int) -> dict:
                 block_size=args.model.block_size, logit_shift=args.train.logit_shift,
                 min_mask_ratio=d.min_mask_ratio, max_mask_ratio=d.max_mask_ratio, block_sizes=list(d.block_sizes),
                 blockwise=d.blockwise, complementary=d.complementary, random_mask=d.random_mask,
+                entropy_weight=d.entropy_weight, entropy_temperature=d.entropy_temperature,
                 chunk_size=args.train.ce_chunk_size)

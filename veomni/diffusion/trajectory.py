@@ -257,7 +257,7 @@ class TrajectoryStore:
     def describe(self) -> str:
         m = self.manifest
         return (f"{self.path}: {len(self)} examples, teacher {m.get('teacher')!r}, block_length "
-                f"{m.get('block_length')}, max_seq_len {m.get('max_seq_len')}, data {m.get('data')}")
+                f"{m.get('block_length')}, max_seq_len {m.get('max_seq_len')}")
 
 
 def iter_sft_docs(dataset) -> Iterable[Tuple[np.ndarray, int]]:
