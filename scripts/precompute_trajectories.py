@@ -82,7 +82,12 @@ def _datasets(paths, tok, args):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    print(json.dumps(run(build_parser().parse_args(argv))))
+    return 0
+
+
+def run(args) -> dict:
+    """Decode what the store lacks; returns the summary main() prints."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not 0 <= args.shard_index < args.num_shards:
         sys.exit(f"--shard_index must be in [0, --num_shards={args.num_shards})")
@@ -152,9 +157,8 @@ def main(argv=None) -> int:
     writer.flush()
     if bar is not None:
         bar.close()
-    print(json.dumps({"examples": index, "decoded": done, "stored": len(writer.done), "out": args.out,
-                      "seconds": round(time.perf_counter() - t0, 2)}))
-    return 0
+    return {"examples": index, "decoded": done, "stored": len(writer.done), "out": args.out,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 if __name__ == "__main__":

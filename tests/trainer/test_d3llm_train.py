@@ -30,16 +30,26 @@ def sft_corpus(tmp_path_factory):
     return path
 
 
-def _precompute(model_dir, corpus, out, capsys):
-    """The script's main() in this process (a subprocess would re-import torch for seconds)."""
+def _precompute(model_dir, corpus, out):
+    """The script in this process (a subprocess would re-import torch for seconds)."""
     spec = importlib.util.spec_from_file_location("precompute_trajectories", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    capsys.readouterr()
-    assert script.main(["--model", str(model_dir), "--add_mask_token", "--data", str(corpus), "--out", str(out),
-                        "--max_seq_len", str(SEQ), "--block_length", "8", "--batch_size", "4", "--device", "cpu",
-                        "--no_progress", "--flush_every", "5"]) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return script.run(script.build_parser().parse_args([
+        "--model", str(model_dir), "--add_mask_token", "--data", str(corpus), "--out", str(out),
+        "--max_seq_len", str(SEQ), "--block_length", "8", "--batch_size", "4", "--device", "cpu",
+        "--no_progress", "--flush_every", "5"]))
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model_dir, sft_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("traj") / "store"
+    first = _precompute(tiny_model_dir, sft_corpus, out)
+    assert first["examples"] == 16 and first["decoded"] == 16 and first["stored"] == 16
+    assert len(list(out.glob("part-*.npz"))) == 4  # flushed every 5 examples
+    again = _precompute(tiny_model_dir, sft_corpus, out)  # resumable: nothing left to do
+    assert again["decoded"] == 0 and again["stored"] == 16
+    return out
 
 
 def _argv(model_dir, corpus, store, out, *extra):
@@ -50,22 +60,15 @@ def _argv(model_dir, corpus, store, out, *extra):
             "--train.lr=1e-3", "--train.data_parallel=none", "--train.max_steps=4", "--train.save_steps=2",
             "--train.peak_flops=1e12", f"--data.cache_dir={Path(out).parent / 'cache'}",
             "--train.objective=d3llm", f"--data.trajectory_path={store}", "--train.d3llm.block_sizes=[4,8]",
-            *extra]
+            "--train.d3llm.entropy_weight=1.0", *extra]
 
 
 def _rows(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_precompute_then_train_with_curriculum_and_exact_resume(tiny_model_dir, sft_corpus, tmp_path, capsys):
+def test_precompute_then_train_with_curriculum_and_exact_resume(tiny_model_dir, sft_corpus, store, tmp_path):
     from veomni.trainer.trainer import Trainer
-
-    store = tmp_path / "traj"
-    first = _precompute(tiny_model_dir, sft_corpus, store, capsys)
-    assert first["examples"] == 16 and first["decoded"] == 16 and first["stored"] == 16
-    assert len(list(store.glob("part-*.npz"))) == 4  # flushed every 5 examples
-    again = _precompute(tiny_model_dir, sft_corpus, store, capsys)  # resumable: nothing left to do
-    assert again["decoded"] == 0 and again["stored"] == 16
 
     straight = tmp_path / "straight"
     tr = Trainer(parse_args(argv=_argv(tiny_model_dir, sft_corpus, store, straight)))
@@ -101,6 +104,21 @@ def test_precompute_then_train_with_curriculum_and_exact_resume(tiny_model_dir, 
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(rows[2:], resumed):
         assert (a["loss"], a["grad_norm"], a["block_size"]) == (b["loss"], b["grad_norm"], b["block_size"])
+
+
+@pytest.mark.dist
+def test_two_processes_equal_one_process_with_accumulation(tiny_model_dir, sft_corpus, store, tmp_path):
+    """The trajectory noise is keyed by the global micro-batch index: 2 DDP ranks x 1 micro-batch
+    draw what 1 rank x 2 accumulated micro-batches draw, and the global normalisation makes the
+    losses equal."""
+    from tests.trainer.test_train_e2e import _metrics, _run
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(_argv(tiny_model_dir, sft_corpus, store, one, "--train.max_steps=2")[1:])
+    _run(_argv(tiny_model_dir, sft_corpus, store, two, "--train.max_steps=2", "--train.data_parallel=ddp")[1:],
+         nproc=2)
+    for a, b in zip(_metrics(one), _metrics(two)):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4, (a, b)
 
 
 def test_d3llm_config_errors():
