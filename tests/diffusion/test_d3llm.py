@@ -37,7 +37,7 @@ def d3llm_select_trajectory_by_ratio(trajectories, mask_ratio, block_start, bloc
 def d3llm_forward_process(input_ids, prompt_lengths, trajectory_batch, block_size, mask_ratio, num_blocks_drawn):
     """forward_process_with_trajectory(use_blockwise=True, use_complementary_loss=True); the block
     index of row i is num_blocks_drawn[i] instead of random.randint(0, max_blocks)."""
-    b, l = input_ids.shape
+    b, l = input_ids.shape  # noqa: E741 (d3LLM's names)
     noisy_batch = input_ids.clone()
     noisy_batch_rev = input_ids.clone()
     masked_indices = torch.zeros_like(input_ids, dtype=torch.bool)

@@ -63,15 +63,17 @@ def _argv(model_dir, corpus, store, out, *extra):
             "--train.d3llm.entropy_weight=1.0", *extra]
 
 
-def _rows(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+def _rows(out, name="metrics.jsonl"):
+    return [json.loads(line) for line in (Path(out) / name).read_text().splitlines()]
 
 
 def test_precompute_then_train_with_curriculum_and_exact_resume(tiny_model_dir, sft_corpus, store, tmp_path):
     from veomni.trainer.trainer import Trainer
 
+    # Held-out eval every 2 steps: it masks by the orders too, at the curriculum's final state.
+    evals = ("--data.eval_split_ratio=0.25", "--train.eval_steps=2", "--train.eval_max_batches=1")
     straight = tmp_path / "straight"
-    tr = Trainer(parse_args(argv=_argv(tiny_model_dir, sft_corpus, store, straight)))
+    tr = Trainer(parse_args(argv=_argv(tiny_model_dir, sft_corpus, store, straight, *evals)))
     try:
         spe = len(tr.loader) / tr.grad_accum
         tr.train()
@@ -86,7 +88,7 @@ def test_precompute_then_train_with_curriculum_and_exact_resume(tiny_model_dir, 
 
     # Stop after the step-2 checkpoint, then resume: steps 3-4 are bit-identical.
     split = tmp_path / "split"
-    tr = Trainer(parse_args(argv=_argv(tiny_model_dir, sft_corpus, store, split)))
+    tr = Trainer(parse_args(argv=_argv(tiny_model_dir, sft_corpus, store, split, *evals)))
     try:
         for _ in range(2):
             tr.train_step()
@@ -94,7 +96,7 @@ def test_precompute_then_train_with_curriculum_and_exact_resume(tiny_model_dir, 
         tr.save()
     finally:
         tr.close()
-    tr = Trainer(parse_args(argv=_argv(tiny_model_dir, sft_corpus, store, split)))
+    tr = Trainer(parse_args(argv=_argv(tiny_model_dir, sft_corpus, store, split, *evals)))
     try:
         assert tr.step == 2
         tr.train()
@@ -104,6 +106,9 @@ def test_precompute_then_train_with_curriculum_and_exact_resume(tiny_model_dir, 
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(rows[2:], resumed):
         assert (a["loss"], a["grad_norm"], a["block_size"]) == (b["loss"], b["grad_norm"], b["block_size"])
+    ev = _rows(straight, "eval_metrics.jsonl")
+    assert [r["step"] for r in ev] == [0, 2, 4] and all(0 < r["eval_loss"] < 20 and r["eval_tokens"] > 0 for r in ev)
+    assert _rows(split, "eval_metrics.jsonl")[-1] == ev[-1]
 
 
 @pytest.mark.dist

@@ -487,12 +487,12 @@ class Arguments:
                "use train.objective='ar' to train a causal model")
 
     def _check_d3llm(self) -> None:
-        d3, data = self.train.objective == "d3llm", self.data
-        if not d3:
+        objective, data = self.train.objective, self.data
+        if objective != "d3llm":
             _check(data.trajectory_path is None,
-                   f"data.trajectory_path is read by train.objective=d3llm only (objective is '{self.train.objective}')")
+                   f"data.trajectory_path is read by train.objective=d3llm only (objective is '{objective}')")
             _check(self.train.d3llm == D3LLMArgs(),
-                   f"train.d3llm.* settings apply to train.objective=d3llm only (objective is '{self.train.objective}')")
+                   f"train.d3llm.* settings apply to train.objective=d3llm only (objective is '{objective}')")
             return
         _check(data.data_type == "sft", "train.objective=d3llm masks SFT responses: set data.data_type=sft")
         _check(self.model.attn_mode == "bidirectional",

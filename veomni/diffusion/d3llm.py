@@ -273,7 +273,8 @@ class D3LLMObjective(_HeadObjective):
         rows = self.scored_rows(corr) if rows is None else rows
         denom = _denominator(global_denominator, rows.targets.numel())
         weights = rows.weights * (self.entropy_weight / denom if denom > 0 else 0.0)
-        positions, targets, temperature, chunk_size = rows.positions, rows.targets, self.entropy_temperature, self.chunk_size
+        positions, targets = rows.positions, rows.targets
+        temperature, chunk_size = self.entropy_temperature, self.chunk_size
 
         def fn(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
             loss = ce(hidden, head_weight)  # checks the hidden shape

@@ -142,7 +142,8 @@ def _read_manifest(path: str) -> dict:
         man = json.load(f)
     if man.get("format") != STORE_FORMAT or man.get("version") != STORE_VERSION:
         raise ValueError(f"{man_path}: format {man.get('format')!r} version {man.get('version')!r}, expected "
-                         f"{STORE_FORMAT!r} version {STORE_VERSION}; recompute it with scripts/precompute_trajectories.py")
+                         f"{STORE_FORMAT!r} version {STORE_VERSION}; recompute it with "
+                         "scripts/precompute_trajectories.py")
     return man
 
 

@@ -67,7 +67,8 @@ class _ChunkedCorrectEntropy(torch.autograd.Function):
             raise RuntimeError("chunked_linear_correct_entropy supports a single backward per call")
         ctx.backward_done = True
         if not ctx.saved_tensors:
-            raise RuntimeError("chunked_linear_correct_entropy was called with grad disabled; no gradients were computed")
+            raise RuntimeError("chunked_linear_correct_entropy was called with grad disabled; no gradients were "
+                               "computed")
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         grad_weight.mul_(grad_output.to(grad_weight.dtype))
