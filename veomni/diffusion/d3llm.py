@@ -245,6 +245,7 @@ class D3LLMObjective(_HeadObjective):
         hidden = masked | future_t.repeat(self.passes, 1)
         noisy = torch.where(hidden, torch.full_like(ids, self.mask_token_id), ids)
         target_positions, loss_positions, targets = _positions(masked, ids, self.logit_shift)
+        # t holds each document's mask ratio r (1 elsewhere); nothing here weights by it.
         return Corruption(noisy_ids=noisy, masked=masked, t=torch.from_numpy(ratio).to(dev).repeat(self.passes, 1),
                           eligible=eligible.repeat(self.passes, 1), target_positions=target_positions,
                           loss_positions=loss_positions, targets=targets, n_masked=int(masked.sum()),
