@@ -17,7 +17,7 @@ from .parser import ConfigError, cfg_field
 AttnImpl = Literal["sdpa", "eager", "flex", "flash_attention_2"]
 AttnMode = Literal["causal", "bidirectional", "block_causal"]
 SamplerAlg = Literal["origin", "maskgit_plus", "topk_margin", "entropy", "p2", "low_confidence", "random",
-                     "threshold", "factor", "multi_block"]
+                     "threshold", "factor", "multi_block", "low_entropy"]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -137,6 +137,9 @@ class DataArgs:
                                                  "raising on the first one.")
     eval_split_ratio: float = cfg_field(0.0, help="Fraction of train_path held out for evaluation "
                                                   "(0 = none). Exclusive with eval_path.")
+    trajectory_path: Optional[str] = cfg_field(
+        None, help="train.objective=d3llm: the store written by scripts/precompute_trajectories.py (a teacher's "
+                   "unmasking order for every SFT example of train and eval data; docs/recipes.md).")
 
     def __post_init__(self) -> None:
         _at_least("data.max_seq_len", self.max_seq_len, 1)
@@ -163,6 +166,41 @@ class DataArgs:
 
 
 # ----------------------------------------------------------------------------- train
+@dataclass
+class D3LLMArgs:
+    """train.objective=d3llm (veomni/diffusion/d3llm.py; docs/recipes.md, "d3LLM trajectories")."""
+
+    min_mask_ratio: float = cfg_field(0.0, help="Start of the mask-ratio curriculum: r_cur rises linearly from this "
+                                                "to max_mask_ratio over the run (d3LLM: 0.0).")
+    max_mask_ratio: float = cfg_field(0.8, help="Each document's mask ratio is drawn from U(r_cur, max_mask_ratio) "
+                                                "(d3LLM: 0.8).")
+    block_sizes: list[int] = cfg_field(
+        [32], help="Block size per epoch, interpolated linearly inside an epoch, the last one afterwards "
+                   "(d3LLM Dream: [16, 24, 32] over 3 epochs). One value with data.streaming (no epochs).")
+    blockwise: bool = cfg_field(True, help="Score one random response block per document, earlier response clean "
+                                           "and later response masked (d3LLM's use_blockwise_loss); false = the "
+                                           "whole response is the block.")
+    complementary: bool = cfg_field(True, help="Also score the block with its mask inverted (a second copy of each "
+                                               "row in the same forward: 2x the activations).")
+    random_mask: bool = cfg_field(False, help="d3LLM's naive baseline: mask the block at random with the same "
+                                              "curriculum instead of by the teacher's order (no trajectories).")
+    entropy_weight: float = cfg_field(
+        0.0, help="Weight of the certainty term: the entropy of softmax(logits / entropy_temperature) at scored "
+                  "tokens the model predicts correctly, summed and divided by the scored-token count like the CE "
+                  "(d3LLM: 1.0 with a per-batch mean over the correct tokens; docs/recipes.md). 0 = off.")
+    entropy_temperature: float = cfg_field(0.5, help="Softmax temperature of the certainty term (d3LLM: 0.5).")
+
+    def __post_init__(self) -> None:
+        _between("train.d3llm.min_mask_ratio", self.min_mask_ratio, 0.0, 1.0)
+        _between("train.d3llm.max_mask_ratio", self.max_mask_ratio, 0.0, 1.0)
+        _check(self.min_mask_ratio <= self.max_mask_ratio,
+               f"train.d3llm.min_mask_ratio={self.min_mask_ratio} exceeds max_mask_ratio={self.max_mask_ratio}")
+        _check(len(self.block_sizes) > 0 and all(b >= 1 for b in self.block_sizes),
+               f"train.d3llm.block_sizes must be a non-empty list of ints >= 1, got {self.block_sizes}")
+        _at_least("train.d3llm.entropy_weight", self.entropy_weight, 0.0)
+        _between("train.d3llm.entropy_temperature", self.entropy_temperature, 0.0, float("inf"), low_open=True)
+
+
 @dataclass
 class TrainArgs:
     output_dir: str = cfg_field("outputs/run", help="Checkpoints, logs and resolved_config.yaml go here.")
@@ -191,10 +229,12 @@ class TrainArgs:
     max_consecutive_skips: int = cfg_field(
         5, help="A step with a non-finite loss or gradient norm is skipped (no update; logged and counted "
                 "as skipped_steps in metrics.jsonl); the run stops after this many in a row.")
-    objective: Literal["mdm", "bd3lm", "ar"] = cfg_field(
+    objective: Literal["mdm", "bd3lm", "ar", "d3llm"] = cfg_field(
         "mdm", help="mdm: masked-diffusion loss; bd3lm: block diffusion, rows fed as [x_t ; x_0] so every "
                     "noisy block is denoised from clean earlier blocks (needs model.attn_mode=block_causal and "
-                    "model.block_size; docs/recipes.md); ar: next-token loss (needs model.attn_mode=causal).")
+                    "model.block_size); d3llm: SFT responses masked by a teacher's decoding order "
+                    "(train.d3llm, data.trajectory_path; loss_weighting/normalization/noise_* are for mdm and "
+                    "bd3lm); ar: next-token loss (needs model.attn_mode=causal). docs/recipes.md.")
     repr_align_weight: float = cfg_field(
         0.0, help="Repr-Align (Open-dLLM): weight of 1 - cosine between the student's hidden states and the "
                   "frozen AR model's (causal, clean input) at the rows whose next token is masked; 0 = off, "
@@ -272,6 +312,7 @@ class TrainArgs:
     router_z_loss_coef: float = cfg_field(
         0.0, help="MoE: weight of the router z-loss (ST-MoE: mean logsumexp(router logits)^2); 0 = off. "
                   "An error on a dense model when > 0.")
+    d3llm: D3LLMArgs = cfg_field(default_factory=D3LLMArgs, help="train.objective=d3llm: curriculum and losses.")
 
     def __post_init__(self) -> None:
         self._check_schedule()
@@ -381,7 +422,7 @@ class InferArgs:
     max_new_tokens: int = cfg_field(128, help="Tokens to generate after the prompt.")
     steps: Optional[int] = cfg_field(None, help="Denoising steps; none = max_new_tokens.")
     alg: SamplerAlg = cfg_field("maskgit_plus", help="Which positions to reveal each step (Dream algs, "
-                                                     "p2, LLaDA low_confidence/random, Fast-dLLM "
+                                                     "p2, LLaDA low_confidence/random, low_entropy, Fast-dLLM "
                                                      "threshold/factor, d3LLM multi_block).")
     temperature: float = cfg_field(0.0, help="Sampling temperature; 0 = greedy.")
     top_p: Optional[float] = cfg_field(None, help="Nucleus sampling mass; none = off.")
@@ -458,6 +499,7 @@ class Arguments:
 
     def __post_init__(self) -> None:
         self._check_objective_vs_attention()
+        self._check_d3llm()
 
     def _check_objective_vs_attention(self) -> None:
         # An AR loss under bidirectional attention lets each position see the token it predicts:
@@ -476,3 +518,24 @@ class Arguments:
         _check(t.objective == "bd3lm" or (t.bd3lm_t_per_block and not t.bd3lm_complementary),
                f"train.bd3lm_t_per_block / train.bd3lm_complementary only apply to train.objective='bd3lm' "
                f"(objective is '{t.objective}')")
+
+    def _check_d3llm(self) -> None:
+        objective, data = self.train.objective, self.data
+        if objective != "d3llm":
+            _check(data.trajectory_path is None,
+                   f"data.trajectory_path is read by train.objective=d3llm only (objective is '{objective}')")
+            _check(self.train.d3llm == D3LLMArgs(),
+                   f"train.d3llm.* settings apply to train.objective=d3llm only (objective is '{objective}')")
+            return
+        _check(data.data_type == "sft", "train.objective=d3llm masks SFT responses: set data.data_type=sft")
+        _check(self.model.attn_mode == "bidirectional",
+               f"train.objective=d3llm trains a bidirectional model; set model.attn_mode=bidirectional "
+               f"(got '{self.model.attn_mode}')")
+        _check(bool(data.trajectory_path) or self.train.d3llm.random_mask,
+               "train.objective=d3llm needs data.trajectory_path (write it with scripts/precompute_trajectories.py), "
+               "or train.d3llm.random_mask=true for the random-mask baseline")
+        _check(not (data.trajectory_path and self.train.d3llm.random_mask),
+               "train.d3llm.random_mask=true masks at random and reads no data.trajectory_path; drop one of them")
+        _check(not (data.streaming and len(self.train.d3llm.block_sizes) > 1),
+               f"train.d3llm.block_sizes={self.train.d3llm.block_sizes} changes per epoch, but data.streaming has "
+               "no epochs: give one block size")

@@ -266,7 +266,8 @@ class ARObjective(_HeadObjective):
 
 
 def build_objective(name: str, **kwargs) -> _HeadObjective:
-    """'mdm' -> MDMObjective, 'bd3lm' -> BD3LMObjective (veomni/diffusion/bd3lm.py), 'ar' -> ARObjective."""
+    """'mdm' -> MDMObjective, 'bd3lm' -> BD3LMObjective (veomni/diffusion/bd3lm.py), 'd3llm' ->
+    D3LLMObjective (veomni/diffusion/d3llm.py), 'ar' -> ARObjective."""
     if name == "mdm":
         return MDMObjective(**kwargs)
     if name == "bd3lm":
@@ -275,5 +276,9 @@ def build_objective(name: str, **kwargs) -> _HeadObjective:
         return BD3LMObjective(**kwargs)
     if name == "ar":
         return ARObjective(**kwargs)
-    raise ValueError(f"unknown objective {name!r}; choose 'mdm' (masked diffusion), 'bd3lm' (block diffusion) "
-                     "or 'ar' (causal baseline)")
+    if name == "d3llm":  # teacher-trajectory masking (veomni/diffusion/d3llm.py)
+        from veomni.diffusion.d3llm import D3LLMObjective
+
+        return D3LLMObjective(**kwargs)
+    raise ValueError(f"unknown objective {name!r}; choose 'mdm' (masked diffusion), 'bd3lm' (block diffusion), "
+                     "'d3llm' (teacher trajectories) or 'ar' (causal baseline)")

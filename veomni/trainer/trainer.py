@@ -269,7 +269,23 @@ class Trainer:
             kwargs.update(per_document=t.noise_per_document, attn_mode=m.attn_mode)
         elif t.objective == "bd3lm":
             kwargs.update(t_per_block=t.bd3lm_t_per_block, complementary=t.bd3lm_complementary)
+        elif t.objective == "d3llm":  # teacher-trajectory masking; loads data.trajectory_path
+            from veomni.diffusion.d3llm import d3llm_objective_kwargs
+
+            kwargs = d3llm_objective_kwargs(self.args, self.mask_token_id)
         self.objective = build_objective(t.objective, **kwargs)
+
+    def _passes(self, mb: dict, corr) -> int:
+        """How many times the model computes each data token of a micro-batch: bd3lm's [x_t ; x_0]
+        streams, times the complementary copies on the batch axis (bd3lm, d3llm)."""
+        return getattr(self.objective, "streams", 1) * (corr.masked.shape[0] // mb["input_ids"].shape[0])
+
+    def _set_progress(self, step: int) -> None:
+        """Objectives with a curriculum (d3llm) take the training progress from the step number, so a
+        resumed run continues it exactly; evaluation passes total_steps (the final, fixed state)."""
+        hook = getattr(self.objective, "set_progress", None)
+        if hook is not None:
+            hook(step, self.total_steps, None if self.loader.streaming else len(self.loader) / self.grad_accum)
 
     def _total_steps(self) -> int:
         t = self.args.train
@@ -360,6 +376,7 @@ class Trainer:
 
         a = self.args
         micro = [self._to_device(self._next_batch()) for _ in range(self.grad_accum)]  # 1.
+        self._set_progress(self.step)
         # The noise of a micro-batch is keyed by its index in the global batch
         # (micro_step * dp_size + dp_rank: the loader hands rank r the r-th slice of each global
         # micro-batch). So 1 process x 2 accumulation steps draws exactly the noise of 2 processes,
@@ -376,8 +393,9 @@ class Trainer:
                               float(pairs)], dtype=torch.float64, device=self.ps.device)
         global_denom, global_tokens, global_pairs = self.ps.all_reduce_sum(local).tolist()  # 3. (over dp)
         moe = self.moe
-        if moe is not None:
-            moe.start_step(global_tokens)  # the router losses are means over all valid tokens
+        if moe is not None:  # the router losses are means over all valid tokens (of every copy of a row)
+            # The router sees every computed copy of a token (bd3lm's two streams, complementary rows).
+            moe.start_step(global_tokens * self._passes(micro[0], corrs[0]))
 
         self.model.train()
         loss_sum = torch.zeros((), device=self.ps.device)
@@ -440,9 +458,7 @@ class Trainer:
         for mb, corr in zip(micro, corrs):
             seg = mb["segment_ids"].cpu()  # one device sync, then cheap host-side counting
             lens = [int(n) for row in seg for n in torch.bincount(row[row > 0]) if n > 0]
-            # bd3lm computes every row twice ([x_t ; x_0]; each copy of a block sees as many keys as
-            # one block_causal pass), and complementary copies double the rows again.
-            lens = lens * getattr(self.objective, "streams", 1) * (corr.masked.shape[0] // mb["input_ids"].shape[0])
+            lens = lens * self._passes(mb, corr)
             total += fn(cfg, lens, head_tokens=int(corr.targets.numel()), attn_mode=self.objective.attn_mode,
                         block_size=self.objective.block_size, trainable=self._trainability)
         return total
@@ -469,6 +485,7 @@ class Trainer:
         # stateful loader went on where the previous eval stopped, and the batch fetched to test
         # `i >= limit` was consumed unscored: each eval scored a different subset.)
         self.eval_loader.set_epoch(0)
+        self._set_progress(self.total_steps)
         batches = iter(self.eval_loader)
         if limit:
             batches = itertools.islice(batches, limit)
@@ -514,7 +531,8 @@ class Trainer:
                         "tokens_per_s": rate["tokens_per_s"], "mfu": rate["mfu"],
                         "tokens_seen": self.tokens_seen, "epoch": self.loader.epoch,
                         "skipped": m["skipped"], "skipped_steps": self.skipped_steps,
-                        **m["extra"], **memory_stats(self.ps.device)}
+                        **m["extra"], **getattr(self.objective, "progress_metrics", dict)(),
+                        **memory_stats(self.ps.device)}
                 self.run_logger.log(last, self.step)
                 thr.reset()
                 if bar is not None:

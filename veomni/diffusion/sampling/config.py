@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 WHOLE_SEQUENCE_ALGS = DREAM_ALGS + ("p2",)
-LLADA_ALGS = ("low_confidence", "random")
+LLADA_ALGS = ("low_confidence", "random", "low_entropy")
 PARALLEL_ALGS = ("threshold", "factor")
 SEMI_AR_ALGS = LLADA_ALGS + PARALLEL_ALGS
 ALGS = WHOLE_SEQUENCE_ALGS + SEMI_AR_ALGS + ("multi_block",)
@@ -55,7 +55,7 @@ class GenerationConfig:
     """All sampler options. None = unset (takes the model's value, then the built-in default).
 
     max_new_tokens: tokens generated after the prompt (default 128).
-    steps: denoising steps for step-based algs (Dream algs, p2, low_confidence, random); default
+    steps: denoising steps for step-based algs (Dream algs, p2, low_confidence, random, low_entropy); default
         max_new_tokens. threshold/factor/multi_block are dynamic and take no steps.
     alg: one of ALGS (default 'maskgit_plus'); docs/inference.md describes each.
     temperature/top_p/top_k: token sampling; temperature 0 = greedy (argmax). Filters apply at
@@ -65,7 +65,7 @@ class GenerationConfig:
     exact_step_counts: Dream confidence algs commit int(#mask*(1-s/t)) per step, which floors
         (with steps == tokens the first step commits nothing and the last several); True spreads
         the tokens exactly over the steps like LLaDA (default False = Dream's behaviour).
-    block_length: semi-autoregressive block (low_confidence/random: max_new_tokens, i.e. one
+    block_length: semi-autoregressive block (low_confidence/random/low_entropy: max_new_tokens, i.e. one
         block; threshold/factor/multi_block: 32; block_causal models: block_size).
     threshold: alg='threshold' confidence tau (default 0.9). factor: alg='factor' f (default 1.0).
     factor_strict: alg='factor': False (default) = Fast-dLLM's count, which also commits the last

@@ -1,4 +1,4 @@
-"""The semi-autoregressive block loop shared by LLaDA (low_confidence, random) and Fast-dLLM
+"""The semi-autoregressive block loop shared by LLaDA (low_confidence, random, low_entropy) and Fast-dLLM
 (threshold, factor), with the prefix / dual / block KV caches.
 
 Each row decodes its own current block (the block of its first masked position); only masked
@@ -17,6 +17,11 @@ from veomni.diffusion.sampling.config import LLADA_ALGS
 from veomni.diffusion.sampling.engine import DecodeState
 from veomni.diffusion.sampling.llada import llada_step_count, select_top_k
 from veomni.diffusion.sampling.parallel import select_factor, select_threshold
+
+# Confidence of each LLaDA-schedule alg (threshold / factor use p(x0)). low_entropy ranks by
+# sum p log p: with steps == max_new_tokens it commits the single lowest-entropy masked position of
+# the block per step, d3LLM's teacher rule ('entropy_threshold' with threshold -inf).
+_MEASURE = {"random": "random", "low_entropy": "neg_entropy"}
 
 
 def _windows(state: DecodeState, new, active, bstart, bend, clean):
@@ -65,7 +70,7 @@ def run_semi_ar(state: DecodeState) -> None:
         lo, hi = _windows(state, new, active, bstart, bend, clean)
         logits = state.logits(start, end, lo, hi)
         eligible = (masked & in_block)[:, start:end]
-        x0, conf = state.propose(logits, eligible, "random" if cfg.alg == "random" else "prob")
+        x0, conf = state.propose(logits, eligible, _MEASURE.get(cfg.alg, "prob"))
         if llada:
             block_masks = torch.where(new, eligible.sum(1), block_masks)
             step_in_block = torch.where(new, torch.zeros_like(step_in_block), step_in_block)
