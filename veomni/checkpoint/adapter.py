@@ -165,15 +165,23 @@ def _run_config(ckpt: Path) -> dict:
 
 
 def load_merged_model(ckpt, attn_impl: str = "sdpa", base_path: Optional[str] = None):
-    """The merged single-device model of an adapter checkpoint, rebuilt as training built it: the base
-    re-loaded (from the path the manifest records, or `base_path`) and checked against the recorded
-    fingerprint, the mask token added, NF4 applied, the saved adapters loaded, then merged."""
+    """(merged single-device model, tokenizer) of an adapter checkpoint: `load_adapted_model`, merged."""
+    from veomni.models.lora import merged_model
+
+    model, tokenizer = load_adapted_model(ckpt, attn_impl, base_path)
+    return merged_model(model), tokenizer
+
+
+def load_adapted_model(ckpt, attn_impl: str = "sdpa", base_path: Optional[str] = None):
+    """(model with its adapters, tokenizer) of an adapter checkpoint, rebuilt as training built it: the
+    base re-loaded (from the path the manifest records, or `base_path`) and checked against the
+    recorded fingerprint, the mask token added, NF4 applied, the saved adapters loaded."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
     from veomni.checkpoint.dcp import read_manifest, run_dcp
     from veomni.models.hf_io import load_model, load_tokenizer
-    from veomni.models.lora import LoraSettings, apply_lora, merged_model
+    from veomni.models.lora import LoraSettings, apply_lora
     from veomni.models.mask_token import ensure_mask_token
 
     ckpt = Path(ckpt)
@@ -210,4 +218,4 @@ def load_merged_model(ckpt, attn_impl: str = "sdpa", base_path: Optional[str] = 
     with torch.no_grad():
         for name, t in sd.items():
             params[name].copy_(t)
-    return merged_model(model), tokenizer
+    return model.eval(), tokenizer

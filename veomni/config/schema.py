@@ -87,7 +87,7 @@ class ModelArgs:
                    "and every masked position reads it. false = it stays at its initial value (the mean row).")
     quantize: Literal["none", "nf4"] = cfg_field(
         "none", help="QLoRA: nf4 stores the frozen Linear weights of the decoder blocks in 4-bit NormalFloat "
-                     "(bitsandbytes, double quantisation). Needs lora_rank > 0 and train.data_parallel none or ddp.")
+                     "(bitsandbytes, double quantisation), quantised after loading. Needs lora_rank > 0.")
 
     def __post_init__(self) -> None:
         self._derive_tokenizer_path()
@@ -484,9 +484,6 @@ class Arguments:
             (t.data_parallel == "deepspeed", "train.data_parallel=deepspeed (use none, ddp or fsdp2)"),
             (t.expert_parallel_size > 1, f"train.expert_parallel_size={t.expert_parallel_size}"),
             (t.ulysses_parallel_size > 1, f"train.ulysses_parallel_size={t.ulysses_parallel_size}"),
-            (m.quantize == "nf4" and t.data_parallel == "fsdp2",
-             "train.data_parallel=fsdp2 with model.quantize=nf4: FSDP2 cannot shard bitsandbytes' 4-bit weights "
-             "(use ddp or none)"),
             (t.data_parallel == "fsdp2" and m.meta_init,
              "model.meta_init=true: adapters are built on loaded weights; with LoRA every rank loads the whole "
              "model, so set model.meta_init=false"),

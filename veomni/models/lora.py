@@ -248,23 +248,38 @@ def _after_injection(name: str, lookup: Dict[str, torch.Tensor]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- merge
+def _clean(name: str) -> str:
+    # Activation checkpointing wraps each block (veomni/distributed/parallelism.py); state-dict names omit it.
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
 def _full_state_dict(model, parallel_state) -> Dict[str, torch.Tensor]:
     """Every parameter and persistent buffer of the adapted model on the main rank, on CPU, NF4
     weights dequantised ({} on the other ranks under FSDP2)."""
     from veomni.distributed.utils import unwrap_model
-    from veomni.models.quant import dequantize, is_nf4
+    from veomni.models.quant import dequantize, dequantize_packed, is_nf4
 
     inner = unwrap_model(model)
     if parallel_state is not None and parallel_state.distributed and parallel_state.dp_mode == "fsdp2":
         from veomni.checkpoint.export import gather_full_state_dict
 
-        return gather_full_state_dict(model, parallel_state)  # (NF4 is refused with fsdp2)
+        # The packed NF4 bytes are sharded like any parameter and gathered here; the quantisation
+        # state (scales) lives on each Linear4bit module, whole on every rank.
+        sd = gather_full_state_dict(model, parallel_state)
+        if not parallel_state.is_main:
+            return {}
+        for mname, module in inner.named_modules():
+            if is_nf4(module):
+                key = f"{_clean(mname)}.weight"
+                sd = {k: v for k, v in sd.items() if not k.startswith(f"{key}.")}  # quant-state entries
+                sd[key] = dequantize_packed(sd[key], module.quant_state, module.compute_dtype or torch.float32)
+        return sd
     sd = {}
     for mname, module in inner.named_modules():
         persistent = [(n, b) for n, b in module.named_buffers(recurse=False)
                       if n not in module._non_persistent_buffers_set]
         for pname, p in list(module.named_parameters(recurse=False)) + persistent:
-            key = f"{mname}.{pname}" if mname else pname
+            key = _clean(f"{mname}.{pname}" if mname else pname)
             if pname == "weight" and is_nf4(module):  # the weight the matmul used: in its compute dtype
                 sd[key] = dequantize(module, module.compute_dtype or torch.float32)
             else:
@@ -337,6 +352,8 @@ def save_peft_adapter(model, out_dir, parallel_state=None) -> Optional[str]:
 
     from safetensors.torch import save_file
 
+    from veomni.distributed.utils import unwrap_model
+
     peft = import_peft()
     spec = lora_spec(model)
     sd = _full_state_dict(model, parallel_state)
@@ -353,8 +370,15 @@ def save_peft_adapter(model, out_dir, parallel_state=None) -> Optional[str]:
             extra[name.replace(".base_layer.", ".")] = t
     save_file(lora, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     if extra:
-        save_file(extra, str(out / "veomni_extra.safetensors"),
-                  metadata={"format": "pt", "mask_token_id": str(spec.mask_token_id)})
+        save_file(extra, str(out / "veomni_extra.safetensors"), metadata={"format": "pt"})
+    # What the adapter needs from its base, for whoever loads it with peft (docs/recipes.md).
+    import json
+
+    config = unwrap_model(model).config
+    note = {"quantize": spec.quantize, "compute_dtype": str(unwrap_model(model).get_input_embeddings().weight.dtype),
+            "vocab_size": config.vocab_size, "mask_token_id": getattr(config, "mask_token_id", None),
+            "mask_delta_row": spec.mask_token_id, "extra": sorted(extra), "base_path": spec.base_path}
+    (out / "veomni_adapter.json").write_text(json.dumps(note, indent=2) + "\n")
     cfg = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                           target_modules=list(spec.modules), bias="none", base_model_name_or_path=spec.base_path)
     cfg.save_pretrained(str(out))

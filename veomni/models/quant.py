@@ -33,14 +33,17 @@ def import_bnb():
 
 
 def is_nf4(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return getattr(weight, "quant_state", None) is not None and getattr(weight, "bnb_quantized", False)
+    """A quantised bitsandbytes Linear4bit. Its quantisation state (scales, shape) is kept on the
+    module, which FSDP2 leaves alone while it shards the packed weight bytes like any parameter."""
+    cls = type(module)
+    return (cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
+            and getattr(module, "quant_state", None) is not None)
 
 
 def linear_numel(module: nn.Module) -> int:
     """Elements of a Linear's weight matrix (a packed NF4 weight stores two per byte)."""
     if is_nf4(module):
-        return module.weight.quant_state.shape.numel()
+        return module.quant_state.shape.numel()
     return module.weight.numel()
 
 
@@ -79,9 +82,20 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype) -> int:
 
 @torch.no_grad()
 def dequantize(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The [out, in] weight a Linear (NF4 or not) multiplies by, as `dtype`."""
+    """The [out, in] weight a Linear (NF4 or not, not sharded) multiplies by, as `dtype`."""
     if not is_nf4(module):
         return module.weight.detach().to(dtype)
+    return dequantize_packed(module.weight.data, module.quant_state, dtype)
+
+
+@torch.no_grad()
+def dequantize_packed(packed: torch.Tensor, quant_state, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight from its whole packed NF4 bytes and the module's quantisation state."""
     bnb = import_bnb()
-    w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-    return w.to(dtype)
+    state = quant_state
+    if packed.device != state.absmax.device:  # a gathered copy on CPU, the state on the GPU
+        import copy
+
+        state = copy.deepcopy(quant_state)
+        state.to(packed.device)
+    return bnb.functional.dequantize_4bit(packed, state).to(dtype)
