@@ -256,9 +256,11 @@ def qlora_one_process(tiny_model_dir, tiny_corpus, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["fsdp2", "ddp"])
 def test_two_processes_equal_one_process(tiny_model_dir, tiny_corpus, tmp_path, qlora_one_process, mode):
     """QLoRA on 2 ranks == 1 rank x 2 accumulated micro-batches, for the adapters and the merged export
-    (FSDP2 shards the packed NF4 bytes like any parameter; each Linear4bit keeps its scales)."""
+    (FSDP2 shards the packed NF4 bytes like any parameter; each Linear4bit keeps its scales). With
+    activation checkpointing, whose wrapper names the export must see through."""
     one, two = qlora_one_process, tmp_path / "two"
-    _run(_args(tiny_model_dir, tiny_corpus, two, *_DIST, f"--train.data_parallel={mode}"), nproc=2)
+    _run(_args(tiny_model_dir, tiny_corpus, two, *_DIST, f"--train.data_parallel={mode}",
+               "--model.gradient_checkpointing=true"), nproc=2)
     for a, b in zip(_metrics(one), _metrics(two), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4, (a, b)
     from safetensors.torch import load_file
