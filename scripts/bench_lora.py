@@ -7,8 +7,8 @@
 Every variant builds the trainer exactly as tasks/train_torch.py does (configs/quickstart/
 smollm2_mdm.yaml, this checkout's veomni/ sources as data, data_parallel=none, fp32) and trains
 --steps optimizer steps, checkpointing at the end:
-  full   every parameter trains (the quickstart recipe);
-  lora   rank-16 adapters on q,k,v,o,gate,up,down + the mask-token row, the base frozen;
+  full   every parameter trains (the quickstart recipe, lr 5e-5);
+  lora   rank-16 adapters on q,k,v,o,gate,up,down + the mask-token row, the base frozen (lr 5e-4);
   qlora  the same adapters on an NF4 base (model.quantize=nf4).
 Reported per variant: trainable parameters; bytes of the model's state (packed NF4 + scales for
 qlora); AdamW state bytes; the checkpoint directory's size; peak RSS over training (VmHWM above the
@@ -28,10 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# Each variant at its recipe's learning rate (configs/quickstart/smollm2_mdm.yaml, smollm2_lora_mdm.yaml).
 VARIANTS = {
-    "full": [],
-    "lora": ["--model.lora_rank=16", "--model.lora_alpha=32"],
-    "qlora": ["--model.lora_rank=16", "--model.lora_alpha=32", "--model.quantize=nf4"],
+    "full": ["--train.lr=5e-5"],
+    "lora": ["--model.lora_rank=16", "--model.lora_alpha=32", "--train.lr=5e-4"],
+    "qlora": ["--model.lora_rank=16", "--model.lora_alpha=32", "--model.quantize=nf4", "--train.lr=5e-4"],
 }
 
 
@@ -53,7 +54,8 @@ def _run(variant, args, out_dir, queue):
     trainer = Trainer(parse_args(argv=argv))
     try:
         model = trainer.model
-        state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        tensors = {(t.data_ptr(), t.numel()): t for t in model.state_dict().values()}  # a tied head once
+        state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         base = reset_peak()
         trainer.train()

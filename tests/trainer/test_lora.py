@@ -85,6 +85,24 @@ def test_only_adapters_train_and_the_merge_is_the_trained_function(quantize, tie
     torch.testing.assert_close(out, adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_qwen3_5_reverse_gates_train_with_the_adapters():
+    """New dLLM parameters start at the AR function (reverse-scan gates at 0): frozen, the GDN layers of
+    a hybrid would stay causal under LoRA."""
+    from transformers import AutoConfig
+
+    from veomni.models.lora import LoraSettings, apply_lora
+    from veomni.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model(AutoConfig.from_pretrained(REPO / "configs" / "models" / "qwen3_5_tiny"))
+    model.init_weights()
+    model.config.mask_token_id = 5
+    spec = apply_lora(model, LoraSettings(rank=2, targets=(".*proj",)))
+    gates = [n for n, _ in model.named_parameters() if n.endswith("reverse_gate")]
+    assert gates and set(gates) <= set(spec.params)
+    assert any("linear_attn.in_proj_qkv" in m for m in spec.modules)  # GDN projections are Linear targets too
+
+
 def test_config_refusals():
     def parse(*extra):
         return parse_args(argv=[CONFIG, *extra])

@@ -21,7 +21,9 @@ token are in and before `parallelize` wraps it:
      embedding stays frozen. The head's mask row (a tied head is the embedding) is untouched, so
      `merged_state_dict` unties such a head to export exactly the trained function;
   5. parameters matching `trainable` (regexes on parameter names, e.g. norm or embed_tokens) are
-     trained in full, in place (no copies as peft's modules_to_save would make).
+     trained in full, in place (no copies as peft's modules_to_save would make), and so are the
+     model's dLLM-only parameters (Qwen3.5's reverse-scan gates: new, and at their start value the
+     GDN layers stay causal).
 
 The returned `LoraSpec` is also kept on the model (`lora_spec(model)`): the checkpoint code saves
 adapter-only checkpoints for such a model (veomni/checkpoint/adapter.py) and the HF export merges.
@@ -180,8 +182,21 @@ def apply_lora(model, settings: LoraSettings, base_path: str = "") -> LoraSpec:
     if settings.rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {settings.rank}")
     full = _trainable_params(model, settings.trainable)
+    # Our dLLM-only parameters (Qwen3.5's reverse-scan gates) are new, like the mask row, and start at
+    # the AR function: frozen, a hybrid model's GDN layers would stay causal. They train.
+    extras = sorted(getattr(model, "dllm_extra_parameters", dict)())
+    full += [n for n in extras if n not in full]
     n_base = sum(p.numel() for p in model.parameters())  # before NF4 packs two weights per byte
     modules = select_targets(model, settings.targets)  # before quantising: errors name the plain layers
+    mask_id = None
+    if settings.mask_embedding:
+        mask_id = getattr(model.config, "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError("model.lora_mask_embedding=true needs a model with a mask token (config.mask_token_id)")
+        if f"{_embed_name(model)}.weight" in full:
+            raise ValueError("model.lora_mask_embedding=true adds a trainable mask row, but model.lora_trainable "
+                             "already trains the whole embedding: set model.lora_mask_embedding=false")
+        mask_id = int(mask_id)
     if settings.quantize == "nf4":
         from veomni.models.quant import quantize_nf4
 
@@ -201,15 +216,8 @@ def apply_lora(model, settings: LoraSettings, base_path: str = "") -> LoraSpec:
     for name, module in model.named_modules():
         if name.endswith((f"lora_A.{ADAPTER}", f"lora_B.{ADAPTER}")):
             module.float()  # fp32 adapters (and their Adam moments) on a bf16 or NF4 base
-    mask_id = None
-    if settings.mask_embedding:
-        mask_id = getattr(model.config, "mask_token_id", None)
-        if mask_id is None:
-            raise ValueError("model.lora_mask_embedding=true needs a model with a mask token (config.mask_token_id)")
-        if f"{_embed_name(model)}.weight" in full:
-            raise ValueError("model.lora_mask_embedding=true adds a trainable mask row, but model.lora_trainable "
-                             "already trains the whole embedding: set model.lora_mask_embedding=false")
-        add_mask_delta(model, int(mask_id))
+    if mask_id is not None:
+        add_mask_delta(model, mask_id)
     lookup = dict(model.named_parameters())
     for name in full:
         p = lookup[_after_injection(name, lookup)]
@@ -220,7 +228,7 @@ def apply_lora(model, settings: LoraSettings, base_path: str = "") -> LoraSpec:
     params = tuple(n for n, p in model.named_parameters() if p.requires_grad)
     spec = LoraSpec(rank=settings.rank, alpha=float(settings.alpha), dropout=float(settings.dropout),
                     quantize=settings.quantize, modules=tuple(modules), params=params,
-                    mask_token_id=None if mask_id is None else int(mask_id), base_path=str(base_path))
+                    mask_token_id=mask_id, base_path=str(base_path))
     setattr(model, SPEC_ATTR, spec)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("LoRA rank %d (alpha %g) on %d Linear layers%s; %s trainable parameters (%.2f%% of the base's "
