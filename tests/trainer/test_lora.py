@@ -283,7 +283,8 @@ def test_two_processes_equal_one_process(tiny_model_dir, tiny_corpus, tmp_path, 
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4, (a, b)
     from safetensors.torch import load_file
 
-    a, b = load_file(one / "hf" / "model.safetensors"), load_file(two / "hf" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    for name in ("hf/model.safetensors", "adapter/adapter_model.safetensors", "adapter/veomni_extra.safetensors"):
+        a, b = load_file(one / name), load_file(two / name)
+        assert a.keys() == b.keys(), name
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

@@ -282,6 +282,8 @@ def _full_state_dict(model, parallel_state) -> Dict[str, torch.Tensor]:
                 sd = {k: v for k, v in sd.items() if not k.startswith(f"{key}.")}  # quant-state entries
                 sd[key] = dequantize_packed(sd[key], module.quant_state, module.compute_dtype or torch.float32)
         return sd
+    if parallel_state is not None and not parallel_state.is_main:
+        return {}  # every rank holds the whole model: only the main rank builds a copy (host memory)
     sd = {}
     for mname, module in inner.named_modules():
         persistent = [(n, b) for n, b in module.named_buffers(recurse=False)
@@ -289,10 +291,26 @@ def _full_state_dict(model, parallel_state) -> Dict[str, torch.Tensor]:
         for pname, p in list(module.named_parameters(recurse=False)) + persistent:
             key = _clean(f"{mname}.{pname}" if mname else pname)
             if pname == "weight" and is_nf4(module):  # the weight the matmul used: in its compute dtype
-                sd[key] = dequantize(module, module.compute_dtype or torch.float32)
-            else:
-                sd[key] = p.detach()
-    return {k: v.detach().cpu() for k, v in sd.items()}
+                p = dequantize(module, module.compute_dtype or torch.float32)
+            sd[key] = p.detach().cpu()  # one tensor at a time: no second model on the device
+    return sd
+
+
+def _trainable_state_dict(model, parallel_state) -> Dict[str, torch.Tensor]:
+    """The trainable tensors only (spec.params), whole, on CPU, on the main rank ({} elsewhere)."""
+    from veomni.distributed.utils import unwrap_model
+
+    spec = lora_spec(model)
+    if parallel_state is not None and parallel_state.distributed and parallel_state.dp_mode == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        sd = get_model_state_dict(model, options=opts)  # collective: gathers the adapters' shards
+    else:
+        sd = {_clean(n): p.detach().cpu() for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+    if parallel_state is not None and not parallel_state.is_main:
+        return {}
+    return {k: sd[k] for k in spec.params}
 
 
 def merge_state_dict(sd: Dict[str, torch.Tensor], spec: LoraSpec, config) -> Tuple[Dict[str, torch.Tensor], bool]:
@@ -364,7 +382,7 @@ def save_peft_adapter(model, out_dir, parallel_state=None) -> Optional[str]:
 
     peft = import_peft()
     spec = lora_spec(model)
-    sd = _full_state_dict(model, parallel_state)
+    sd = _trainable_state_dict(model, parallel_state)
     if parallel_state is not None and not parallel_state.is_main:
         return None
     out = Path(out_dir)
