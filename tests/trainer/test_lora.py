@@ -66,6 +66,11 @@ def test_only_adapters_train_and_the_merge_is_the_trained_function(quantize, tie
         for m in ("self_attn.q_proj", "mlp.down_proj") for ab in "AB"}
     if quantize == "nf4":
         assert type(model.model.layers[0].self_attn.k_proj).__name__ == "Linear4bit"
+    from veomni.models.flops import trainability
+
+    # MFU's frozen matmul count: every base weight of a layer, an NF4 one by its unpacked size.
+    per_layer = 48 * 48 * 2 + 48 * 16 * 2 + 48 * 80 * 3  # q, o; k, v; gate, up, down
+    assert trainability(model).layer_frozen_matmul == (per_layer, per_layer)
     ids = torch.randint(0, 96, (2, 12))
     ids[:, ::3] = 96  # mask tokens: the mask-row delta is read
     model.train()
