@@ -109,7 +109,7 @@ class ModelArgs:
         if self.lora_rank == 0:
             # LoRA settings without LoRA would be ignored: say so instead.
             for key, unset in (("lora_alpha", 16.0), ("lora_dropout", 0.0), ("lora_target", list(LORA_TARGETS)),
-                               ("lora_trainable", []), ("quantize", "none")):
+                               ("lora_trainable", []), ("lora_mask_embedding", True), ("quantize", "none")):
                 _check(getattr(self, key) == unset, f"model.{key}={getattr(self, key)!r} needs LoRA: set "
                                                     "model.lora_rank (e.g. 16) or remove it")
         else:
