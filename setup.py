@@ -26,7 +26,9 @@ extras_require = {
     # are built; scripts/setup.sh does it). 0.18.0 mis-accumulated ZeRO-2 gradients with a caller-set
     # accumulation boundary (tests/distributed/test_deepspeed.py catches it); tested 0.19.0 and 0.19.8.
     "deepspeed": ["deepspeed>=0.19,<0.20"],
-    "quant": ["bitsandbytes", "peft"],
+    # LoRA / QLoRA (model.lora_rank, model.quantize=nf4; docs/recipes.md): bitsandbytes for the NF4 base
+    # (its CPU backend runs the tests), peft for the LoRA layers. Tested with 0.50.2 and 0.21.2.
+    "quant": ["bitsandbytes>=0.50,<0.51", "peft>=0.21,<0.22"],
     "eval": ["lm-eval"],
     "wandb": ["wandb"],
     # Parquet files and hf: (datasets streaming) data sources, scripts/download_data.py --to_jsonl.

@@ -6,7 +6,8 @@
 The model is rebuilt from the checkpoint's model_config.json (written by save_checkpoint, so an
 added mask token / resized vocabulary is already in it) and only the model part of the checkpoint
 is read: no GPU, no process group, any number of ranks may have saved it (a data_parallel=deepspeed
-checkpoint is merged from its ZeRO shards by DeepSpeed's zero_to_fp32). The tokenizer comes from
+checkpoint is merged from its ZeRO shards by DeepSpeed's zero_to_fp32; an adapter-only LoRA
+checkpoint re-loads the base it records, checks its sha256, and is exported merged). The tokenizer comes from
 --tokenizer, else from model.tokenizer_path of the resolved config (--config, else the copy inside
 the checkpoint, else <run>/resolved_config.yaml).
 """
@@ -71,8 +72,13 @@ def load_checkpoint_model(ckpt: Path, attn_impl: str = "sdpa"):
                                 "HF config, so its architecture cannot be rebuilt here.")
     model_type = json.loads(cfg_file.read_text())["model_type"]
     config = get_spec(model_type).config_class.from_json_file(str(cfg_file))
-    if read_manifest(ckpt).get("engine") == "deepspeed":
+    engine = read_manifest(ckpt).get("engine")
+    if engine == "deepspeed":
         return build_plain_model(config, _deepspeed_state_dict(ckpt), attn_impl=attn_impl)
+    if engine == "lora":  # adapters only: re-load the recorded base, add them, merge
+        from veomni.checkpoint.adapter import load_merged_model
+
+        return load_merged_model(ckpt, attn_impl=attn_impl)[0]
     with torch.device("meta"):
         shapes = build_model(config, attn_impl=attn_impl).state_dict()
     meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata

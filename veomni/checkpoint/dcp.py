@@ -6,6 +6,8 @@ Layout (docs/parallelism.md has the full rules):
         .metadata, __<r>_0.distcp      DCP: model + optimizer, sharded by the saving ranks
         ds/                             instead of the DCP files under data_parallel=deepspeed:
                                         DeepSpeed's model + ZeRO optimizer shards
+                                        (LoRA runs: the DCP files hold only the trainable
+                                        parameters and their optimizer state; veomni/checkpoint/adapter.py)
         scheduler.pt                    lr scheduler state_dict (main rank)
         dataloader.json                 loader state of the main rank (global-sample based)
         train_state.json                step, tokens_seen, epoch, ... (main rank)
@@ -171,9 +173,19 @@ def _deepspeed(model) -> bool:
     return is_deepspeed(model)
 
 
+def _adapter(model) -> bool:
+    from veomni.checkpoint.adapter import adapter_spec
+
+    return adapter_spec(model) is not None
+
+
 def _check_engine(path: Path, manifest: Dict[str, Any], model, ps) -> None:
     """A DeepSpeed checkpoint resumes only under DeepSpeed with the same stage and world size, a DCP
-    one only without DeepSpeed: a ValueError (a setting to fix, not damage to fall back from)."""
+    one only without DeepSpeed, an adapter-only one only with the same adapters on the same base: a
+    ValueError (a setting to fix, not damage to fall back from)."""
+    from veomni.checkpoint.adapter import check_engine
+
+    check_engine(path, manifest, model, ps)
     saved_ds = manifest.get("engine") == "deepspeed"
     export = f"python scripts/export_hf.py --checkpoint {path} --out DIR"
     if saved_ds and not _deepspeed(model):
@@ -197,6 +209,10 @@ def _check_engine(path: Path, manifest: Dict[str, Any], model, ps) -> None:
 def _state_dicts(model, optimizer, options=None) -> Dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if _adapter(model):  # LoRA: the trainable parameters only (an NF4 base is not serialisable)
+        from veomni.checkpoint.adapter import state_dicts
+
+        return state_dicts(model, optimizer)
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=options)}
     msd, osd = get_state_dict(model, optimizer, options=options)
@@ -277,6 +293,10 @@ def save_checkpoint(output_dir: PathLike, step: int, model, optimizer=None, sche
             }
             if _deepspeed(model):
                 manifest.update(model.manifest_fields())  # engine: deepspeed, zero_stage
+            if _adapter(model):
+                from veomni.checkpoint.adapter import manifest_fields
+
+                manifest.update(manifest_fields(model))  # engine: lora, the adapters, the base's sha256
             _write_text_atomic(tmp / MARKER, json.dumps(manifest, indent=2, sort_keys=True))
             _fsync_dir(tmp)
             _publish(tmp, final)
@@ -454,7 +474,11 @@ def load_checkpoint(path: PathLike, model, optimizer=None, scheduler=None, paral
         # `except Exception` alone would let it through and skip the fallback.
         except (Exception, CheckpointException) as exc:  # noqa: BLE001
             raise CheckpointError(f"{path}: DCP could not load model/optimizer: {exc}") from exc
-        if optimizer is None:
+        if _adapter(model):
+            from veomni.checkpoint.adapter import set_state
+
+            set_state(model, optimizer, state)
+        elif optimizer is None:
             set_model_state_dict(model, state["model"])
         else:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -56,20 +56,30 @@ def build_plain_model(config, state_dict: Dict[str, torch.Tensor], attn_impl: st
 
 def export_hf(model, out_dir: Union[str, os.PathLike], tokenizer=None, parallel_state=None,
               dtype: Optional[Union[str, torch.dtype]] = None,
-              max_shard_size: Union[int, str] = "2GB") -> Optional[Path]:
+              max_shard_size: Union[int, str] = "2GB", adapter_dir=None) -> Optional[Path]:
     """Write an HF directory (config.json, safetensors, tokenizer) from a plain/DDP/FSDP2/DeepSpeed model.
 
     Collective: every rank must call it. Returns the directory on the main rank, None elsewhere.
     dtype: save dtype (None = the master weights' dtype, fp32 in training).
+    A LoRA model (veomni/models/lora.py) is exported merged (NF4 weights dequantised); adapter_dir,
+    when given, also receives the bare adapter in peft's format.
     """
+    from veomni.checkpoint.adapter import adapter_spec
     from veomni.models.hf_io import save_model
 
     inner = unwrap_model(model)
-    sd = gather_full_state_dict(model, parallel_state)
     is_main = parallel_state is None or parallel_state.is_main
+    if adapter_spec(model) is not None:
+        from veomni.models.lora import merged_model, save_peft_adapter
+
+        plain = merged_model(model, parallel_state)
+        if adapter_dir is not None:
+            save_peft_adapter(model, adapter_dir, parallel_state)
+    else:
+        sd = gather_full_state_dict(model, parallel_state)
+        plain = build_plain_model(inner.config, sd, attn_impl=getattr(inner, "attn_impl", "sdpa")) if is_main else None
     out = None
     if is_main:
-        plain = build_plain_model(inner.config, sd, attn_impl=getattr(inner, "attn_impl", "sdpa"))
         out = save_model(plain, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype)
         logger.info("exported HF model to %s", out)
     if parallel_state is not None:

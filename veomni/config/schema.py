@@ -15,6 +15,8 @@ from veomni.ops.registry import default_ops, ops_help, resolve_ops
 from .parser import ConfigError, cfg_field
 
 AttnImpl = Literal["sdpa", "eager", "flex", "flash_attention_2"]
+# Every Linear of attention and the MLP (the QLoRA paper adapts them all).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AttnMode = Literal["causal", "bidirectional", "block_causal"]
 SamplerAlg = Literal["origin", "maskgit_plus", "topk_margin", "entropy", "p2", "low_confidence", "random",
                      "threshold", "factor", "multi_block", "low_entropy"]
@@ -67,12 +69,52 @@ class ModelArgs:
                    "GGUF, .bin: rank 0 builds and broadcasts). false = every rank loads the whole model first. "
                    "ddp/none always load the whole model. docs/parallelism.md, 'Loading big models'.")
     ops: dict[str, str] = cfg_field(default_ops(), help=ops_help())
+    lora_rank: int = cfg_field(
+        0, help="LoRA: rank of the adapters put on the Linear layers model.lora_target names; the base weights "
+                "are frozen and checkpoints hold the adapters only. 0 = off. Needs the quant extra "
+                "(docs/recipes.md, 'LoRA / QLoRA').")
+    lora_alpha: float = cfg_field(16.0, help="LoRA scale: an adapter's output is multiplied by lora_alpha / lora_rank.")
+    lora_dropout: float = cfg_field(0.0, help="LoRA: dropout on the adapters' input while training.")
+    lora_target: list[str] = cfg_field(
+        list(LORA_TARGETS), help="LoRA: regexes (re.search) on module names choosing the nn.Linear layers that get "
+                                 "adapters, e.g. [q_proj, v_proj] or ['.*proj']. A pattern matching no Linear layer "
+                                 "is an error; the LM head cannot be a target (see lora_trainable).")
+    lora_trainable: list[str] = cfg_field(
+        [], help="LoRA: regexes (re.search) on parameter names trained in full next to the adapters, e.g. [norm] "
+                 "or [embed_tokens] (a tied head is the embedding); everything else stays frozen.")
+    lora_mask_embedding: bool = cfg_field(
+        True, help="LoRA: also train the mask token's input embedding row (a vector added to it): the row is new "
+                   "and every masked position reads it. false = it stays at its initial value (the mean row).")
+    quantize: Literal["none", "nf4"] = cfg_field(
+        "none", help="QLoRA: nf4 stores the frozen Linear weights of the decoder blocks in 4-bit NormalFloat "
+                     "(bitsandbytes, double quantisation), quantised after loading. Needs lora_rank > 0.")
 
     def __post_init__(self) -> None:
         self._derive_tokenizer_path()
         self._check_attention()
         self._resolve_ops()
         _check(self.mask_token != "", "model.mask_token must not be empty")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        _at_least("model.lora_rank", self.lora_rank, 0)
+        _between("model.lora_alpha", self.lora_alpha, 0.0, float("inf"), low_open=True)
+        _between("model.lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        for key in ("lora_target", "lora_trainable"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"model.{key} pattern {pattern!r} is not a valid regex: {exc}") from None
+        if self.lora_rank == 0:
+            # LoRA settings without LoRA would be ignored: say so instead.
+            for key, unset in (("lora_alpha", 16.0), ("lora_dropout", 0.0), ("lora_target", list(LORA_TARGETS)),
+                               ("lora_trainable", []), ("lora_mask_embedding", True), ("quantize", "none")):
+                _check(getattr(self, key) == unset, f"model.{key}={getattr(self, key)!r} needs LoRA: set "
+                                                    "model.lora_rank (e.g. 16) or remove it")
+        else:
+            _check(bool(self.lora_target), "model.lora_target is empty: name the Linear layers to adapt, e.g. "
+                                           "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]")
 
     def _resolve_ops(self) -> None:
         # Every known op gets its choice written out (defaults filled in), so resolved_config.yaml
@@ -500,6 +542,25 @@ class Arguments:
     def __post_init__(self) -> None:
         self._check_objective_vs_attention()
         self._check_d3llm()
+        self._check_lora_composition()
+
+    def _check_lora_composition(self) -> None:
+        m, t = self.model, self.train
+        if not m.lora_rank:
+            return
+        refused = (
+            (t.data_parallel == "deepspeed", "train.data_parallel=deepspeed (use none, ddp or fsdp2)"),
+            (t.expert_parallel_size > 1, f"train.expert_parallel_size={t.expert_parallel_size}"),
+            (t.ulysses_parallel_size > 1, f"train.ulysses_parallel_size={t.ulysses_parallel_size}"),
+            (t.data_parallel == "fsdp2" and m.meta_init,
+             "model.meta_init=true: adapters are built on loaded weights; with LoRA every rank loads the whole "
+             "model, so set model.meta_init=false"),
+            (m.init_from_scratch, "model.init_from_scratch=true: adapters on random weights train nothing useful"),
+            (bool(t.freeze), f"train.freeze={t.freeze}: with LoRA only the adapters train; use model.lora_trainable "
+                             "for base parameters that should train too"),
+        )
+        for bad, what in refused:
+            _check(not bad, f"model.lora_rank={m.lora_rank} (LoRA) does not compose with {what}")
 
     def _check_objective_vs_attention(self) -> None:
         # An AR loss under bidirectional attention lets each position see the token it predicts:

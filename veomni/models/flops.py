@@ -101,10 +101,12 @@ def trainability(model) -> Optional[Trainability]:
     from veomni.models.transformers.moe import Experts
 
     below = any(p.requires_grad for p in backbone.embed_tokens.parameters())
+    from veomni.models.quant import linear_numel  # an NF4 weight packs two elements per byte
+
     frozen, input_grad = [], []
     for layer in backbone.layers:
         below = below or any(p.requires_grad for p in layer.parameters())
-        n = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad)
+        n = sum(linear_numel(m) for m in layer.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad)
         for m in layer.modules():  # fused experts: a token touches top_k of num_experts of them
             if isinstance(m, Experts):
                 n += sum(p.numel() for p in (m.gate_up_proj, m.down_proj)

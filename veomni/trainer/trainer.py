@@ -207,6 +207,10 @@ class Trainer:
         if self._meta_load is None:
             model.to(self.ps.device)
         self._apply_freeze(model)
+        if a.model.lora_rank:  # LoRA / QLoRA: adapters on the frozen (NF4) base, veomni/models/lora.py
+            from veomni.models.lora import LoraSettings, apply_lora
+
+            apply_lora(model, LoraSettings.from_args(a.model), base_path=path)
         from veomni.ops.registry import apply_ops
 
         apply_ops(model, a.model.ops)  # before parallelism wraps it; logs the implementations
@@ -572,7 +576,8 @@ class Trainer:
         if a.train.export_hf:
             from veomni.checkpoint import export_hf
 
-            export_hf(self.model, str(self.out_dir / "hf"), self.tokenizer, self.ps)
+            export_hf(self.model, str(self.out_dir / "hf"), self.tokenizer, self.ps,
+                      adapter_dir=str(self.out_dir / "adapter"))  # LoRA: hf/ merged, adapter/ in peft's format
         if self.ps.is_main:
             png = plot_loss_curve(str(self.out_dir))
             logger.info("done: %d steps in %.1fs; loss curve %s", self.step, time.perf_counter() - t_start, png)
