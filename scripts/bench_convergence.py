@@ -253,7 +253,7 @@ def main(argv=None) -> int:
         print(msg, flush=True)
         log_lines.append(msg)
 
-    corpus = build_corpus(out / "corpus", args.train_pairs, max(args.eval_examples, 16), args.seed)
+    corpus = build_corpus(out / "corpus", args.train_pairs, args.eval_examples, args.seed)
     tokenizer = load_tokenizer(args.model_path)
     if tokenizer.mask_token is None:
         tokenizer.add_special_tokens({"mask_token": "<|mask|>"})
