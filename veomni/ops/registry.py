@@ -56,6 +56,32 @@ def _require_fla() -> None:
                          "flash-linear-attention (CUDA GPU), or set --model.ops.gdn=torch") from None
 
 
+def require_triton(what: str) -> None:
+    """Raise a ValueError naming the fix when Triton kernels cannot run here: triton missing, or
+    no CUDA GPU and not TRITON_INTERPRET=1 (the interpreter runs kernels on CPU tensors, slowly:
+    what the parity tests use). Called when the choice is installed, not at the first forward."""
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"{what} needs triton ({exc}): pip install -e '.[kernels]', or choose 'eager'") from None
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{what} runs Triton kernels, which need a CUDA GPU; on CPU set TRITON_INTERPRET=1 "
+                         "(the slow interpreter, for tests) or choose 'eager'")
+
+
+def require_liger(what: str) -> None:
+    """As require_triton, for liger-kernel (whose ops are Triton kernels too)."""
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"{what} needs liger-kernel ({exc}): pip install -e '.[kernels]', or choose 'eager'") from None
+    require_triton(what)
+
+
 def _install_gdn(model, choice: str) -> int:
     from veomni.models.transformers.gated_deltanet import GatedDeltaNet
 
