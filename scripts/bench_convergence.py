@@ -103,7 +103,20 @@ def build_corpus(out: Path, n_train: int, n_heldout: int, seed: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- training
+def _reused_seconds(marker: Path, what: str, log):
+    """A finished step of an earlier run into the same --out (its time was written as `marker`):
+    the bench resumes after an interruption instead of retraining every recipe."""
+    if marker.exists():
+        secs = json.loads(marker.read_text())["seconds"]
+        log(f"  {what}: reused from {marker.parent} (took {secs:.0f} s)")
+        return secs
+    return None
+
+
 def train(name, overrides, corpus, out_dir, args, log):
+    marker = out_dir / "train_seconds.json"
+    if (out_dir / "hf").is_dir() and (secs := _reused_seconds(marker, name, log)) is not None:
+        return secs
     cmd = [sys.executable, str(TRAIN), str(CONFIG), f"--model.model_path={args.model_path}",
            f"--data.train_path={corpus['train']}", f"--data.eval_path={corpus['heldout']}", "--data.eval_split_ratio=0",
            "--data.data_type=sft", f"--data.max_seq_len={args.max_seq_len}", "--data.packing=true",
@@ -118,11 +131,16 @@ def train(name, overrides, corpus, out_dir, args, log):
         proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"{name}: training failed, see {out_dir.parent / f'{name}.log'}")
-    log(f"  {name}: trained in {time.perf_counter() - t0:.0f} s")
-    return time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    log(f"  {name}: trained in {secs:.0f} s")
+    marker.write_text(json.dumps({"seconds": secs}))
+    return secs
 
 
 def precompute_trajectories(teacher: Path, corpus, out: Path, args, log) -> float:
+    marker = out.parent / "trajectories_seconds.json"
+    if (secs := _reused_seconds(marker, "trajectories", log)) is not None:
+        return secs
     cmd = [sys.executable, str(REPO / "scripts" / "precompute_trajectories.py"), "--model", str(teacher),
            "--data", str(corpus["train"]), str(corpus["heldout"]), "--out", str(out),
            "--tokenizer", str(args.model_path), f"--max_seq_len={args.max_seq_len}", "--block_length=32",
@@ -132,8 +150,10 @@ def precompute_trajectories(teacher: Path, corpus, out: Path, args, log) -> floa
         proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"precompute_trajectories failed, see {out.parent / 'trajectories.log'}")
-    log(f"  trajectories: {time.perf_counter() - t0:.0f} s")
-    return time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    log(f"  trajectories: {secs:.0f} s")
+    marker.write_text(json.dumps({"seconds": secs}))
+    return secs
 
 
 # ---------------------------------------------------------------------------- evaluation

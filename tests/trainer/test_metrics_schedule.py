@@ -1,3 +1,4 @@
+import json
 import math
 
 import torch
@@ -102,3 +103,16 @@ def test_trainability_from_a_model():
     t = trainability(model)
     assert t.layer_frozen_matmul == (per_layer, 0) and t.layer_input_grad == (False, True)
     assert t.head_trainable and t.head_input_grad  # untied head
+
+
+def test_eval_summary_compares_first_and_last_eval(tmp_path):
+    from veomni.trainer.loggers import eval_summary
+
+    assert eval_summary(str(tmp_path)) is None  # no evaluations yet
+    rows = [{"step": 0, "eval_loss": 8.0, "eval_tokens": 10}, {"step": 5, "eval_loss": 7.0, "eval_tokens": 10},
+            {"step": 10, "eval_loss": 6.0, "eval_tokens": 10}]
+    (tmp_path / "eval_metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert eval_summary(str(tmp_path)) is None  # one evaluation: nothing to compare
+    (tmp_path / "eval_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert eval_summary(str(tmp_path)) == \
+        "held-out eval loss (nats/token): 8.000 at step 0 -> 6.000 at step 10 (-25%)"

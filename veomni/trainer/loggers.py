@@ -108,3 +108,20 @@ def plot_loss_curve(output_dir: str) -> Optional[Path]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def eval_summary(output_dir: str) -> Optional[str]:
+    """One line comparing the first and last held-out evaluation of a run (eval_metrics.jsonl), or
+    None with fewer than two. Every evaluation scores the same rows under the same fixed noise, so
+    the two figures measure the model; with objective mdm/bd3lm and loss_weighting=inv_t the eval
+    loss is a one-sample Monte-Carlo estimate of the held-out -ELBO in nats per token."""
+    path = Path(output_dir) / "eval_metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if len(rows) < 2:
+        return None
+    first, last = rows[0], rows[-1]
+    change = 100.0 * (last["eval_loss"] - first["eval_loss"]) / max(abs(first["eval_loss"]), 1e-12)
+    return (f"held-out eval loss (nats/token): {first['eval_loss']:.3f} at step {first['step']} -> "
+            f"{last['eval_loss']:.3f} at step {last['step']} ({change:+.0f}%)")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from veomni.arguments import Arguments, save_yaml, to_dict
-from veomni.trainer.loggers import RunLogger, plot_loss_curve, setup_console_logging
+from veomni.trainer.loggers import RunLogger, eval_summary, plot_loss_curve, setup_console_logging
 from veomni.trainer.metrics import Throughput, device_peak_flops, matmul_dtype, memory_stats
 from veomni.trainer.schedule import build_scheduler
 
@@ -581,6 +581,8 @@ class Trainer:
         if self.ps.is_main:
             png = plot_loss_curve(str(self.out_dir))
             logger.info("done: %d steps in %.1fs; loss curve %s", self.step, time.perf_counter() - t_start, png)
+            if (summary := eval_summary(str(self.out_dir))) is not None:
+                logger.info(summary)
         self.run_logger.close()
         return last
 
