@@ -43,7 +43,7 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dym, stride_xm, stride_xn,
     g = 1.0 + w if ZERO_CENTRED else w
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start = pid * rows_per_prog
-    for i in range(0, rows_per_prog):
+    for i in range(rows_per_prog):
         row = (start + i).to(tl.int64)
         if row < M:
             x_raw = tl.load(X + row * stride_xm + cols * stride_xn, mask=mask, other=0.0)
