@@ -34,6 +34,12 @@ extras_require = {
     # Parquet files and hf: (datasets streaming) data sources, scripts/download_data.py --to_jsonl.
     "data": ["datasets>=2.19", "pyarrow"],
     "dev": ["pytest", "pytest-timeout", "ruff"],
+    # Triton kernels and liger-kernel: the triton / liger choices of model.ops (docs/kernels.md). On a
+    # CPU machine they run only under TRITON_INTERPRET=1 (what the tests do). liger-kernel 0.8.1 is
+    # the newest that runs under the interpreter: 0.8.2-0.8.5 fail there ("'float' object has no
+    # attribute 'to'"). Tested with triton 3.9.0; a CUDA torch wheel pins its own triton (3.3 for
+    # torch 2.7 on), which this range accepts.
+    "kernels": ["triton>=3.3,<3.10", "liger-kernel==0.8.1"],
 }
 
 setup(

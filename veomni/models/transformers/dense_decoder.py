@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 from veomni.models.kv_cache import KVCache
 from veomni.ops.attention import AttnMeta, attention, check_attention
+from veomni.ops.rms_norm import rms_norm
+from veomni.ops.rope import _rotate_half, apply_rope  # noqa: F401  (re-exported: the RoPE lives in veomni/ops/rope.py)
+from veomni.ops.swiglu import gated_act
 
 
 @dataclass
@@ -39,17 +42,17 @@ class CausalLMOutput:
 
 
 class RMSNorm(nn.Module):
+    # model.ops.rms_norm, set per instance by veomni/ops/registry.py. The eager path normalises in
+    # fp32 and casts back before the weight: the order HF uses, kept for parity.
+    impl: str = "eager"
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight: the order HF uses, kept for parity.
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.variance_epsilon, self.impl)
 
 
 def _rope_params(config) -> dict:
@@ -108,23 +111,6 @@ class RotaryEmbedding(nn.Module):
             return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(q, k, cos, sin):
-    """q/k [B, H, S, D]; cos/sin [B, S, R]. R < D is partial rotary (Qwen3.5: the first R dims
-    rotate, the rest pass through)."""
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    r = cos.shape[-1]
-    if r < q.shape[-1]:
-        (q, q_pass), (k, k_pass) = q.split([r, q.shape[-1] - r], -1), k.split([r, k.shape[-1] - r], -1)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        return torch.cat([q, q_pass], -1), torch.cat([k, k_pass], -1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
 @dataclass
 class LayerContext:
     """What every mixer of one forward call may need, built once by DecoderModel.
@@ -157,6 +143,8 @@ def activation(config) -> Callable:
 
 
 class MLP(nn.Module):
+    impl: str = "eager"  # model.ops.swiglu, set per instance by veomni/ops/registry.py
+
     def __init__(self, config, bias: bool = False, intermediate_size: Optional[int] = None):
         super().__init__()
         h, i = config.hidden_size, intermediate_size or config.intermediate_size
@@ -164,9 +152,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.act = activation(config)
+        self.hidden_act = config.hidden_act  # named by the registry when a fused choice needs silu
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_act(self.gate_proj(x), self.up_proj(x), self.act, self.impl))
 
 
 class Attention(nn.Module):
@@ -174,6 +163,7 @@ class Attention(nn.Module):
     # called as sequence_parallel(self, q, k, v, ctx) on this rank's slice of the sequence; it runs
     # self.attend over the whole sequence on a block of the heads.
     sequence_parallel = None
+    rope_impl: str = "eager"  # model.ops.rope, set per instance by veomni/ops/registry.py
 
     def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
@@ -208,7 +198,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, k, ctx.cos, ctx.sin)
+        q, k = apply_rope(q, k, ctx.cos, ctx.sin, self.rope_impl)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v, ctx.cache_position)
         if self.sequence_parallel is None:

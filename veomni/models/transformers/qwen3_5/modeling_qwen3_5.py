@@ -20,6 +20,7 @@ from transformers import Qwen3_5TextConfig
 from veomni.models.transformers.dense_decoder import (MLP, Attention, CausalLMOutput, DecoderForCausalLM,
                                                        DecoderLayer, DecoderModel)
 from veomni.models.transformers.gated_deltanet import GatedDeltaNet
+from veomni.ops.rms_norm import rms_norm
 
 __all__ = ["Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "CausalLMOutput", "ZeroCenteredRMSNorm", "GatedAttention"]
 
@@ -29,15 +30,15 @@ LAYER_TYPES = ("full_attention", "linear_attention")
 class ZeroCenteredRMSNorm(nn.Module):
     """RMSNorm with weight 1 + w (w initialised at 0), the product taken in fp32 before the cast."""
 
+    impl: str = "eager"  # model.ops.rms_norm, set per instance by veomni/ops/registry.py
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        return rms_norm(x, self.weight, self.eps, self.impl, zero_centred=True)
 
     @torch.no_grad()
     def reset_dllm_parameters(self) -> None:

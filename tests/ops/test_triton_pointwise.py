@@ -1,0 +1,279 @@
+"""The pointwise ops behind model.ops.{rms_norm, rope, swiglu}: our Triton kernels and liger-kernel's
+against the eager references, forward and backward, under TRITON_INTERPRET=1 on CPU; a tiny
+model with every fused choice against eager; and the install-time errors of the registry.
+
+The Triton interpreter runs kernels program by program in Python, so the shapes are tiny, but
+odd (masks), non-contiguous (strides) and large enough for several programs per launch.
+Everything is fp32; kernels do their math in fp32 too, so the only differences from eager are
+reduction order and fused multiply-adds: tolerance 1e-5 (abs) / 1e-5 (rel) per kernel, 1e-4 on a
+whole model's logits and gradients.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[kernels]')")
+
+from tests.models.tiny import build_pair, build_qwen3_5_pair  # noqa: E402
+from veomni.ops.registry import apply_ops  # noqa: E402
+from veomni.ops.rms_norm import rms_norm  # noqa: E402
+from veomni.ops.rope import apply_rope  # noqa: E402
+from veomni.ops.swiglu import swiglu  # noqa: E402
+
+KERNEL_TOL = dict(atol=1e-5, rtol=1e-5)
+MODEL_TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def _interpreter_mode():
+    """TRITON_INTERPRET=1 for every @triton.jit function this file runs. The decorator reads the
+    variable when a module is imported, triton's own helpers included (tl.sum, tl.sigmoid: "Cannot
+    call @triton.jit'd outside of the scope of a kernel" when triton.language was imported
+    without it), so unless they already are the interpreter's, the Python part of triton (not its
+    compiled triton._C, which cannot be loaded twice) is imported afresh, and the kernel modules
+    (ours, our liger shim, liger's) always are."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language as tl
+
+    if not isinstance(tl.sum, InterpretedFunction):
+        python_part = [m for m in sys.modules if m == "triton" or m.startswith("triton.")]
+        for name in [m for m in python_part if not m.startswith("triton._C")]:
+            del sys.modules[name]
+    for name in [m for m in sys.modules if m.startswith(("veomni.ops.triton.", "veomni.ops.liger", "liger_kernel"))]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    old = os.environ.get("TRITON_INTERPRET")
+    _interpreter_mode()
+    yield
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def _liger_or_skip():
+    liger = pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (pip install -e '.[kernels]')")
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    v = version("liger-kernel")
+    if Version(v) >= Version("0.8.2"):
+        pytest.skip(f"liger-kernel {v} calls .to() on scalar kernel arguments, which the Triton interpreter "
+                    "passes as Python floats (\"'float' object has no attribute 'to'\"); 0.8.1, the version "
+                    "setup.py pins, runs here")
+    return liger
+
+
+def _grads(out, inputs, seed=1):
+    """Gradients of <out, g> for a fixed random g (a plain .sum() would hide sign/permutation errors)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+    return torch.autograd.grad(loss, inputs)
+
+
+def _close(a, b, tol=KERNEL_TOL):
+    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        torch.testing.assert_close(x, y, **tol)
+
+
+# ---- RMSNorm ---------------------------------------------------------------------------------------
+
+def _rms_inputs(shape, n, contiguous, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if contiguous:
+        x = torch.randn(*shape, n, generator=g)
+    else:  # a head slice of a fused projection: row stride 2n, as Qwen3.5's q is
+        x = torch.randn(*shape, 2 * n, generator=g)[..., :n]
+    w = 1.0 + 0.3 * torch.randn(n, generator=g)
+    return x.requires_grad_(), w.requires_grad_()
+
+
+@pytest.mark.parametrize("impl", ["triton", "liger"])
+@pytest.mark.parametrize("zero_centred", [False, True], ids=["standard", "zero_centred"])
+@pytest.mark.parametrize("shape,n,contiguous", [((2, 3), 13, False), ((37,), 8, True), ((1, 1), 1, True)],
+                         ids=["odd-strided", "many-rows", "one-elem"])
+def test_rms_norm_matches_eager(impl, zero_centred, shape, n, contiguous):
+    if impl == "liger":
+        _liger_or_skip()
+    x, w = _rms_inputs(shape, n, contiguous)
+    assert contiguous or not x.is_contiguous()
+    y = rms_norm(x, w, 1e-6, impl, zero_centred)
+    ref = rms_norm(x, w, 1e-6, "eager", zero_centred)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    _close(y, ref)
+    # 37 rows: the backward's strips of rows (and their fp32 dw partial sums) do not divide evenly.
+    _close(_grads(y, (x, w)), _grads(ref, (x, w)))
+
+
+# ---- SwiGLU ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["triton", "liger"])
+@pytest.mark.parametrize("rows,n", [((3, 5), 11), ((2,), 1500)], ids=["odd", "several-col-blocks"])
+def test_swiglu_matches_eager(impl, rows, n):
+    if impl == "liger":
+        _liger_or_skip()
+    h = (3.0 * torch.randn(*rows, 2 * n, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    gate, up = h.chunk(2, dim=-1)  # the halves of one fused projection: non-contiguous
+    assert not gate.is_contiguous()
+    y, ref = swiglu(gate, up, impl), swiglu(gate, up, "eager")
+    _close(y, ref)
+    _close(_grads(y, h), _grads(ref, h))
+
+
+# ---- RoPE ------------------------------------------------------------------------------------------
+
+def _rope_inputs(bsz, heads, kv_heads, slen, dim, rot, cos_batch, seed=0, arbitrary=False):
+    g = torch.Generator().manual_seed(seed)
+    # [B, S, H, D] projections viewed as [B, H, S, D]: the model's (non-contiguous) layout.
+    q = torch.randn(bsz, slen, heads, dim, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(bsz, slen, kv_heads, dim, generator=g).transpose(1, 2).requires_grad_()
+    if arbitrary:  # cos/sin halves that differ: the kernel is the exact derivative of eager for any cos/sin
+        cos, sin = torch.randn(cos_batch, slen, rot, generator=g), torch.randn(cos_batch, slen, rot, generator=g)
+    else:
+        pos = torch.arange(slen, dtype=torch.float32)[None, :, None] + 3 * torch.arange(cos_batch)[:, None, None]
+        freqs = pos / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)
+        emb = torch.cat((freqs, freqs), -1)
+        cos, sin = emb.cos(), emb.sin()
+    return q, k, cos, sin
+
+
+ROPE_CASES = {
+    "full": dict(bsz=2, heads=3, kv_heads=1, slen=5, dim=10, rot=10, cos_batch=2),  # odd head count
+    "many-heads": dict(bsz=1, heads=17, kv_heads=2, slen=3, dim=8, rot=8, cos_batch=1),  # 2 head blocks, broadcast cos
+    "partial": dict(bsz=2, heads=2, kv_heads=2, slen=4, dim=11, rot=6, cos_batch=2),  # 5 odd pass-through dims
+    "arbitrary-cos": dict(bsz=2, heads=2, kv_heads=1, slen=3, dim=8, rot=4, cos_batch=2, arbitrary=True),
+}
+
+
+# liger rotates whole heads and reads only the first half of cos/sin (= cat(freqs, freqs)): it gets
+# the cases it supports; the registry refuses it for partial rotary (test_install_errors).
+@pytest.mark.parametrize("impl,case", [("triton", c) for c in ROPE_CASES]
+                         + [("liger", "full"), ("liger", "many-heads")])
+def test_rope_matches_eager(impl, case):
+    if impl == "liger":
+        _liger_or_skip()
+    q, k, cos, sin = _rope_inputs(**ROPE_CASES[case])
+    out, ref = apply_rope(q, k, cos, sin, impl), apply_rope(q, k, cos, sin, "eager")
+    _close(out, ref)
+    _close(_grads(out, (q, k)), _grads(ref, (q, k)))
+
+
+# ---- a whole model ---------------------------------------------------------------------------------
+
+def _logits_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, attn_mode="bidirectional").logits
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (out * g).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family,impl", [("llama", "triton"), ("qwen3", "triton"), ("qwen3_5", "triton"),
+                                         ("llama", "liger")])
+def test_model_with_fused_ops_matches_eager(family, impl, caplog):
+    """Every norm, the RoPE of every attention layer and every MLP on the fused choice: same logits
+    and parameter gradients as eager. Qwen3: q/k norms, head_dim 12; Qwen3.5: zero-centred norms,
+    partial rotary (a quarter of head_dim), a GDN layer in between."""
+    import logging
+
+    if impl == "liger":
+        _liger_or_skip()
+    if family == "qwen3_5":
+        _, model = build_qwen3_5_pair(layer_types=("linear_attention", "full_attention"))
+    else:
+        _, model = build_pair(family)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref_logits, ref_grads = _logits_and_grads(model, ids)
+    with caplog.at_level(logging.INFO, logger="veomni"):
+        apply_ops(model, {"rms_norm": impl, "rope": impl, "swiglu": impl})
+    n_layers = model.config.num_hidden_layers
+    n_attn = 1 if family == "qwen3_5" else n_layers
+    n_norms = 2 * n_layers + 1 + (2 * n_attn if family in ("qwen3", "qwen3_5") else 0)
+    assert f"rms_norm={impl} ({n_norms} modules)" in caplog.text
+    assert f"rope={impl} ({n_attn} modules)" in caplog.text and f"swiglu={impl} ({n_layers} modules)" in caplog.text
+    logits, grads = _logits_and_grads(model, ids)
+    torch.testing.assert_close(logits, ref_logits, **MODEL_TOL)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **MODEL_TOL, msg=name)
+    # ... and the fused choices really ran (a dispatch that ignored impl would also pass the above).
+    apply_ops(model, {"rms_norm": "eager", "rope": "eager", "swiglu": "eager"})
+    assert torch.equal(_logits_and_grads(model, ids)[0], ref_logits)
+
+
+def test_the_kernels_are_the_ones_that_run(monkeypatch):
+    """The model-level parity above cannot tell a kernel from eager by value: count the calls."""
+    import veomni.ops.triton.rms_norm as trms
+    import veomni.ops.triton.rope as trope
+    import veomni.ops.triton.swiglu as tswi
+
+    calls = {"rms": 0, "rope": 0, "swiglu": 0}
+    for mod, fn, key in ((trms, "triton_rms_norm", "rms"), (trope, "triton_rope", "rope"),
+                         (tswi, "triton_swiglu", "swiglu")):
+        orig = getattr(mod, fn)
+
+        def counted(*a, _orig=orig, _key=key):
+            calls[_key] += 1
+            return _orig(*a)
+
+        monkeypatch.setattr(mod, fn, counted)
+    _, model = build_pair("llama")
+    apply_ops(model, {"rms_norm": "triton", "rope": "triton", "swiglu": "triton"})
+    model(torch.zeros(1, 3, dtype=torch.long), attn_mode="causal")
+    assert calls == {"rms": 2 * 2 + 1, "rope": 2, "swiglu": 2}
+
+
+# ---- install-time errors ---------------------------------------------------------------------------
+
+def test_install_errors(monkeypatch):
+    from tests.models.tiny import tiny_config, tiny_qwen3_5_config
+    from veomni.models.registry import build_model
+    from veomni.models.transformers.dense_decoder import RMSNorm
+
+    _, llama = build_pair("llama")
+    with pytest.raises(ValueError, match=r"model.ops.rope='fused' is not one of 'eager' .*'triton' .*'liger'"):
+        apply_ops(llama, {"rope": "fused"})
+
+    # No interpreter and no GPU: the Triton choices need one or the other.
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match=r"model.ops.rms_norm=triton runs Triton kernels, which need a CUDA "
+                                             r"GPU; on CPU set TRITON_INTERPRET=1"):
+            apply_ops(llama, {"rms_norm": "triton"})
+        with pytest.raises(ValueError, match=r"model.ops.swiglu=liger runs Triton kernels"):
+            apply_ops(llama, {"swiglu": "liger"})
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert all(m.impl == "eager" for m in llama.modules() if isinstance(m, RMSNorm))  # nothing half-installed
+
+    # A package that is not installed (None in sys.modules makes its import fail).
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(ValueError, match=r"model.ops.rope=triton needs triton .*pip install -e '.\[kernels\]'"):
+        apply_ops(llama, {"rope": "triton"})
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    with pytest.raises(ValueError, match=r"model.ops.rms_norm=liger needs liger-kernel .*pip install -e "
+                                         r"'.\[kernels\]'"):
+        apply_ops(llama, {"rms_norm": "liger"})
+    monkeypatch.undo()
+
+    # SwiGLU kernels fuse SiLU only: another activation is named.
+    gelu = build_model(tiny_config("llama", hidden_act="gelu_pytorch_tanh"))
+    with pytest.raises(ValueError, match=r"model.ops.swiglu=triton fuses silu\(gate\) \* up, and this model's MLP "
+                                         r"activation is hidden_act='gelu_pytorch_tanh'; use model.ops.swiglu=eager"):
+        apply_ops(gelu, {"swiglu": "triton"})
+    apply_ops(gelu, {"swiglu": "eager", "rms_norm": "triton", "rope": "triton"})  # the others are fine
+
+    # liger cannot rotate part of a head (Qwen3.5: a quarter of head_dim 8).
+    qwen3_5 = build_model(tiny_qwen3_5_config(layer_types=("full_attention",)))
+    with pytest.raises(ValueError, match=r"model.ops.rope=liger rotates whole heads, and this model rotates 2 of "
+                                         r"its 8 head dims \(partial rotary\); use model.ops.rope=triton"):
+        apply_ops(qwen3_5, {"rope": "liger"})
+    apply_ops(qwen3_5, {"rope": "triton", "rms_norm": "triton"})
