@@ -11,36 +11,40 @@ def test_registry_choices_match_the_implementations():
 
     assert set(OPS["moe_experts"].choices) == set(EXPERT_IMPLS)
     assert set(OPS["gdn"].choices) == set(GDN_IMPLS)
-    assert default_ops() == {"moe_experts": "grouped", "gdn": "torch"}
+    from veomni.ops.linear_ce import LINEAR_CE_IMPLS
+
+    assert set(OPS["linear_ce"].choices) == set(LINEAR_CE_IMPLS)
+    assert {"moe_experts": "grouped", "gdn": "torch", "linear_ce": "eager"}.items() <= default_ops().items()
 
 
 def test_resolve_fills_defaults_and_names_the_choices():
-    assert resolve_ops(None) == resolve_ops({}) == {"moe_experts": "grouped", "gdn": "torch"}
-    assert resolve_ops({"moe_experts": "loop"}) == {"moe_experts": "loop", "gdn": "torch"}
+    assert resolve_ops(None) == resolve_ops({}) == {**default_ops(), "moe_experts": "grouped"}
+    assert resolve_ops({"moe_experts": "loop"}) == {**default_ops(), "moe_experts": "loop"}
     with pytest.raises(ValueError, match=r"model.ops.moe_experts='fast' is not one of 'grouped' .*'loop'"):
         resolve_ops({"moe_experts": "fast"})
-    with pytest.raises(ValueError, match=r"no op 'moe_expert'; known ops: moe_experts, gdn; did you mean 'moe_experts'"):
+    with pytest.raises(ValueError, match=r"no op 'moe_expert'; known ops: moe_experts, gdn.*; did you mean 'moe_experts'"):
         resolve_ops({"moe_expert": "loop"})
 
 
 def test_config_cli_forms_and_resolved_yaml(tmp_path):
-    assert parse_args(Arguments, []).model.ops == {"moe_experts": "grouped", "gdn": "torch"}
-    assert parse_args(Arguments, ["--model.ops.moe_experts=loop"]).model.ops == {"moe_experts": "loop", "gdn": "torch"}
-    assert parse_args(Arguments, ["--model.ops.moe_experts", "loop"]).model.ops == {"moe_experts": "loop", "gdn": "torch"}
-    assert parse_args(Arguments, ["--model.ops={moe_experts: loop}"]).model.ops == {"moe_experts": "loop", "gdn": "torch"}
+    assert parse_args(Arguments, []).model.ops == {**default_ops(), "moe_experts": "grouped"}
+    assert parse_args(Arguments, ["--model.ops.moe_experts=loop"]).model.ops == {**default_ops(), "moe_experts": "loop"}
+    assert parse_args(Arguments, ["--model.ops.moe_experts", "loop"]).model.ops == {**default_ops(), "moe_experts": "loop"}
+    assert parse_args(Arguments, ["--model.ops={moe_experts: loop}"]).model.ops == {**default_ops(), "moe_experts": "loop"}
     # A whole mapping then one entry: the entry goes into that mapping; the last flag wins.
     argv = ["--model.ops={moe_experts: loop}", "--model.ops.moe_experts=grouped"]
-    assert parse_args(Arguments, argv).model.ops == {"moe_experts": "grouped", "gdn": "torch"}
+    assert parse_args(Arguments, argv).model.ops == {**default_ops(), "moe_experts": "grouped"}
     # YAML gives the mapping, the command line one entry of it.
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  ops:\n    moe_experts: loop\n")
-    assert parse_args(Arguments, [str(cfg)]).model.ops == {"moe_experts": "loop", "gdn": "torch"}
-    assert parse_args(Arguments, [str(cfg), "--model.ops.moe_experts=grouped"]).model.ops == {"moe_experts": "grouped", "gdn": "torch"}
+    assert parse_args(Arguments, [str(cfg)]).model.ops == {**default_ops(), "moe_experts": "loop"}
+    assert parse_args(Arguments, [str(cfg), "--model.ops.moe_experts=grouped"]).model.ops == {**default_ops(), "moe_experts": "grouped"}
     # An empty YAML mapping still resolves every op, and the saved config names them.
     cfg.write_text("model:\n  ops: {}\n")
     args = parse_args(Arguments, [str(cfg)])
     save_yaml(args, tmp_path / "resolved.yaml")
-    assert "ops: {moe_experts: grouped, gdn: torch}" in (tmp_path / "resolved.yaml").read_text()
+    text = (tmp_path / "resolved.yaml").read_text()
+    assert all(f"{op}: {choice}" in text for op, choice in default_ops().items())
     assert load_yaml(tmp_path / "resolved.yaml") == args
 
 
@@ -70,7 +74,7 @@ def test_apply_ops_sets_every_experts_module_and_logs(caplog):
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     assert len(experts) == 2  # layer 1 is dense
     with caplog.at_level(logging.INFO, logger="veomni"):
-        assert apply_ops(model, {"moe_experts": "loop"}) == {"moe_experts": "loop", "gdn": "torch"}
+        assert apply_ops(model, {"moe_experts": "loop"}) == {**default_ops(), "moe_experts": "loop"}
     assert all(m.impl == "loop" for m in experts) and Experts.impl == "grouped"  # the class default is untouched
     assert "moe_experts=loop (2 modules)" in caplog.text
     apply_ops(model, None)

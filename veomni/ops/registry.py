@@ -95,6 +95,21 @@ def _install_gdn(model, choice: str) -> int:
     return n
 
 
+def _install_linear_ce(model, choice: str) -> int:
+    from veomni.models.transformers.dense_decoder import DecoderForCausalLM
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, DecoderForCausalLM):
+            if n == 0 and choice in ("triton", "liger"):
+                (require_triton if choice == "triton" else require_liger)(f"model.ops.linear_ce={choice}")
+            # The model's forward makes this choice current around its loss_fn call
+            # (veomni.ops.linear_ce.use_linear_ce), so every objective's head + CE follows it.
+            m.linear_ce_impl = choice
+            n += 1
+    return n
+
+
 OPS: Dict[str, OpSpec] = {
     # Choices must equal veomni.ops.moe_experts.EXPERT_IMPLS (tests/ops/test_ops_registry.py);
     # listed here so that the config does not import torch.
@@ -111,6 +126,14 @@ OPS: Dict[str, OpSpec] = {
                "fla": "flash-linear-attention's Triton chunk kernels and causal conv (CUDA; "
                       "pip install flash-linear-attention)"},
         install=_install_gdn),
+    # Choices must equal veomni.ops.linear_ce.LINEAR_CE_IMPLS.
+    "linear_ce": OpSpec(
+        choices=("eager", "triton", "liger"), default="eager",
+        about={"eager": "LM head + CE on the loss positions only, chunked over rows in plain torch (fp32 logits)",
+               "triton": "the same chunked head + CE in our Triton kernels (CUDA; pip install -e '.[kernels]')",
+               "liger": "liger-kernel's fused linear CE on the loss positions (CUDA; per-token 1/t weights need "
+                        "a liger-kernel with per-row gradients, see veomni/ops/linear_ce.py)"},
+        install=_install_linear_ce),
 }
 
 
