@@ -9,6 +9,7 @@ algorithm, only summation order differs: tiles vs torch's matmul blocking); bf16
 relative to the gradient scale (one bf16 rounding of g = w*(softmax - onehot) can land on either
 side).
 """
+import importlib.util
 import os
 import sys
 
@@ -318,7 +319,12 @@ def test_trainer_mdm_steps_with_triton_equal_eager(tmp_path, monkeypatch):
     monkeypatch.setattr(tri_mod, "triton_linear_cross_entropy",
                         lambda *a, **k: triton_calls.append(a[0].shape[0]) or real(*a, **k))
     runs = {}
-    for impl in ("eager", "triton"):
+    liger_runs = False
+    if importlib.util.find_spec("liger_kernel") is not None:
+        from veomni.ops.linear_ce import liger_supports_token_weights
+
+        liger_runs = liger_supports_token_weights()
+    for impl in ("eager", "triton", "liger"):
         argv = [config, f"--model.model_path={model_dir}", f"--data.train_path={corpus}",
                 f"--train.output_dir={tmp_path / impl}", f"--data.cache_dir={tmp_path / 'cache'}",
                 "--data.max_seq_len=32", "--train.micro_batch_size=2", "--train.global_batch_size=4",
@@ -326,6 +332,11 @@ def test_trainer_mdm_steps_with_triton_equal_eager(tmp_path, monkeypatch):
                 "--data.eval_split_ratio=0", "--train.eval_steps=0", "--train.lr=1e-3", "--train.data_parallel=none",
                 "--train.save_steps=0", "--train.max_grad_norm=0", "--train.ce_chunk_size=16",
                 "--train.loss_weighting=inv_t", f"--model.ops.linear_ce={impl}"]
+        if impl == "liger" and not liger_runs:  # refused at start-up, before any step
+            if importlib.util.find_spec("liger_kernel") is not None:
+                with pytest.raises(ValueError, match="cannot weight rows"):
+                    Trainer(parse_args(argv=argv))
+            continue
         trainer = Trainer(parse_args(argv=argv))
         try:
             assert trainer.model.linear_ce_impl == impl
@@ -336,6 +347,8 @@ def test_trainer_mdm_steps_with_triton_equal_eager(tmp_path, monkeypatch):
     (eager_loss, eager_grads), (tri_loss, tri_grads) = runs["eager"], runs["triton"]
     assert eager_loss[0] > 0 and len(eager_grads) == len(tri_grads) == 2
     assert len(triton_calls) == 4 and all(n > 0 for n in triton_calls)  # 2 steps x 2 micro-batches, all triton
+    if liger_runs:  # liger: logits in the matmul dtype (fp32 here), its own chunking
+        torch.testing.assert_close(runs["liger"][0], eager_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tri_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for step_e, step_t in zip(eager_grads, tri_grads):
         assert step_e.keys() == step_t.keys() and len(step_e) > 5
