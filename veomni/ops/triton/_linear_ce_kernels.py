@@ -41,8 +41,9 @@ def _logits_kernel(H, W, LOGITS, PMAX, PSUM, TGT, TGT_LOGIT, M, V, K,
                    BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    # int64 offsets: chunk x V elements (8192 x 256k) overflow int32 pointer arithmetic.
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     row_ok = rows < M
     col_ok = cols < V
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
@@ -96,7 +97,7 @@ def _lse_loss_kernel(PMAX, PSUM, TGT_LOGIT, TW, LSE, LOSS, M, NVB, stride_pm,
 @triton.jit
 def _grad_logits_kernel(LOGITS, G, LSE, TGT, TW, M, V, stride_lm, stride_gm,
                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < M
     ok = row_ok[:, None] & (cols < V)[None, :]
@@ -113,13 +114,13 @@ def _grad_logits_kernel(LOGITS, G, LSE, TGT, TW, M, V, stride_lm, stride_gm,
 def _matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                    ACCUMULATE: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: see _logits_kernel
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < M
     col_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # dW: g^T's k stride is V
         k_ok = ks < K
         a = tl.load(A + rows[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
