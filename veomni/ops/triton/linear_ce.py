@@ -72,7 +72,7 @@ class _TritonLinearCE(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, hidden, weight, targets, token_weights, chunk_size, compute_dtype, needs_grad):
-        from veomni.ops.triton._linear_ce_kernels import _grad_logits_kernel, _lse_loss_kernel, _logits_kernel
+        from veomni.ops.triton._linear_ce_kernels import _grad_logits_kernel, _logits_kernel, _lse_loss_kernel
 
         n, h_dim = hidden.shape
         v = weight.shape[0]
