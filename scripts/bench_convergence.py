@@ -251,6 +251,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval_examples", type=int, default=16)
     p.add_argument("--mc", type=int, default=16, help="MC copies per held-out example")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads here and in the training runs (default: all cores); 1 on a shared machine")
     args = p.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = sorted(set(recipes) - set(RECIPES))
@@ -263,7 +265,9 @@ def main(argv=None) -> int:
     from veomni.models.hf_io import load_model, load_tokenizer
     from veomni.models.smollm2 import prepare_smollm2
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    threads = args.threads or max(1, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the training / trajectory subprocesses inherit it
     args.model_path = args.model_path or str(prepare_smollm2())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,3 +49,13 @@ cp "$OUT/train/metrics.jsonl" "$OUT/train_metrics.jsonl"
 # 3. Decoding: every cached / parallel row beside its own baseline, 256 new tokens, batch 1 and 8.
 python3 scripts/bench_decode.py --model_path "$MODEL" --scorer_path "$MODEL" --device cuda --dtype bfloat16 \
   --new_tokens 256 --batch_sizes 1,8 --max_minutes 0 --out "$OUT/bench_decode_gpu.md" | tail -n 40
+
+# 4. LM head + CE alone, the model.ops.linear_ce choices (bf16, fwd + bwd, peak memory above the
+#    inputs and time): SmolLM2's head and Qwen2.5-0.5B's (V=151936, H=896), 16384 scored rows. Per-row
+#    1/t weights for eager / triton (liger-kernel <0.8.5 cannot weight rows: its row is unweighted).
+for SHAPE in "--vocab=49152 --hidden=576" "--vocab=151936 --hidden=896"; do
+  python3 scripts/bench_loss_memory.py --device cuda --dtype bf16 --batch 8 --seq 2048 --chunk-size 4096 \
+    $SHAPE --weighted --variants full,chunked,triton | tee -a "$OUT/bench_loss_memory_gpu.md"
+  python3 scripts/bench_loss_memory.py --device cuda --dtype bf16 --batch 8 --seq 2048 --chunk-size 4096 \
+    $SHAPE --variants chunked,triton,liger | tee -a "$OUT/bench_loss_memory_gpu.md"
+done

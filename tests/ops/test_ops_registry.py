@@ -22,6 +22,9 @@ def test_registry_choices_match_the_implementations():
     defaults = default_ops()
     assert defaults["moe_experts"] == "grouped" and defaults["gdn"] == "torch"
     assert defaults["rms_norm"] == defaults["rope"] == defaults["swiglu"] == "eager"
+    from veomni.ops.linear_ce import LINEAR_CE_IMPLS
+
+    assert set(OPS["linear_ce"].choices) == set(LINEAR_CE_IMPLS) and defaults["linear_ce"] == "eager"
 
 
 def test_resolve_fills_defaults_and_names_the_choices():

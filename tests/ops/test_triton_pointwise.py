@@ -8,7 +8,6 @@ Everything is fp32; kernels do their math in fp32 too, so the only differences f
 reduction order and fused multiply-adds: tolerance 1e-5 (abs) / 1e-5 (rel) per kernel, 1e-4 on a
 whole model's logits and gradients.
 """
-import os
 import sys
 
 import pytest
@@ -26,35 +25,10 @@ KERNEL_TOL = dict(atol=1e-5, rtol=1e-5)
 MODEL_TOL = dict(atol=1e-4, rtol=1e-4)
 
 
-def _interpreter_mode():
-    """TRITON_INTERPRET=1 for every @triton.jit function this file runs. The decorator reads the
-    variable when a module is imported, triton's own helpers included (tl.sum, tl.sigmoid: "Cannot
-    call @triton.jit'd outside of the scope of a kernel" when triton.language was imported
-    without it), so unless they already are the interpreter's, the Python part of triton (not its
-    compiled triton._C, which cannot be loaded twice) is imported afresh, and the kernel modules
-    (ours, our liger shim, liger's) always are."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton.language as tl
-
-    if not isinstance(tl.sum, InterpretedFunction):
-        python_part = [m for m in sys.modules if m == "triton" or m.startswith("triton.")]
-        for name in [m for m in python_part if not m.startswith("triton._C")]:
-            del sys.modules[name]
-    for name in [m for m in sys.modules if m.startswith(("veomni.ops.triton.", "veomni.ops.liger", "liger_kernel"))]:
-        del sys.modules[name]
-
-
 @pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    _interpreter_mode()
+def triton_interpreter(triton_interpreter):
+    """TRITON_INTERPRET=1 for this module (tests/ops/_triton_interpreter.py)."""
     yield
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
 
 
 def _liger_or_skip():

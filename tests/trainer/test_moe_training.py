@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from veomni.config.parser import ConfigError, parse_args
+from veomni.ops.registry import default_ops
 
 REPO = Path(__file__).resolve().parents[2]
 MOE_CONFIG = REPO / "configs" / "quickstart" / "qwen3_moe_tiny_mdm.yaml"
@@ -204,7 +205,7 @@ def test_metrics_resolved_config_ops_and_eval(tiny_moe_dir, smollm2_dir, tiny_co
         assert r["mfu"] is not None and 0 < r["mfu"]
     assert [r["step"] for r in _rows(out / "eval_metrics.jsonl")] == [0, 1, 2]  # eval runs on MoE
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
-    assert resolved["model"]["ops"] == {"moe_experts": "loop", "gdn": "torch"}
+    assert resolved["model"]["ops"] == {**default_ops(), "moe_experts": "loop"}
     assert resolved["train"]["router_z_loss_coef"] == 0.001 and resolved["train"]["expert_parallel_size"] == 1
 
 

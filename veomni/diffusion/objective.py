@@ -15,7 +15,8 @@ global denominator replaces. See ``loss_fn`` for the DDP/FSDP gradient scaling.
 
 The model calls ``fn(hidden_states, head_weight)`` inside its own forward, so under FSDP the head
 weight is unsharded there. ``fn`` gathers the hidden rows that predict a scored token and runs
-the chunked head + CE on those rows only: the [B, S, V] logits never exist.
+the head + CE (model.ops.linear_ce, veomni/ops/linear_ce.py) on those rows only: the [B, S, V] logits
+never exist.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from veomni.diffusion.noise import Corruption, corrupt, score_all
-from veomni.ops.chunked_ce import DEFAULT_CHUNK_SIZE, chunked_linear_cross_entropy
+from veomni.ops.chunked_ce import DEFAULT_CHUNK_SIZE
+from veomni.ops.linear_ce import linear_cross_entropy
 
 __all__ = ["MDMObjective", "ARObjective", "ScoredRows", "build_objective", "check_mdm_attention", "WEIGHTINGS",
            "NORMALIZATIONS", "MDM_ATTN_MODES"]
@@ -151,7 +153,8 @@ class _HeadObjective:
                 )
             pos = loss_positions.to(hidden.device)
             rows = hidden[pos[:, 0], pos[:, 1]]  # [K, H]: the head runs only where there is a loss
-            return chunked_linear_cross_entropy(
+            # The implementation is the model's (model.ops.linear_ce, made current by its forward).
+            return linear_cross_entropy(
                 rows,
                 head_weight,
                 targets.to(hidden.device),

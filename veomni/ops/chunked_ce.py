@@ -172,20 +172,25 @@ def chunked_linear_cross_entropy(
     backward.
     """
     _check_inputs(hidden, weight, targets, token_weights, chunk_size)
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
-    elif hidden.dtype != weight.dtype:
-        raise ValueError(
-            f"hidden is {hidden.dtype} but weight is {weight.dtype}; pass both in the same dtype "
-            "(under FSDP mixed precision both are the param dtype) or call inside torch.autocast"
-        )
-    else:
-        compute_dtype = hidden.dtype
+    compute_dtype = _compute_dtype(hidden, weight)
     if token_weights is not None:
         token_weights = token_weights.detach()
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCE.apply(hidden, weight, targets, token_weights, chunk_size, compute_dtype, needs_grad)
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul input dtype: the autocast dtype inside an enabled autocast, else the common
+    dtype of hidden and weight (a mismatch is an error). Shared by every linear_ce choice."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if hidden.dtype != weight.dtype:
+        raise ValueError(
+            f"hidden is {hidden.dtype} but weight is {weight.dtype}; pass both in the same dtype "
+            "(under FSDP mixed precision both are the param dtype) or call inside torch.autocast"
+        )
+    return hidden.dtype
 
 
 def reference_linear_cross_entropy(

@@ -159,6 +159,21 @@ _KERNEL_ABOUT = {
     "liger": "liger-kernel's kernel (pip install -e '.[kernels]'; CUDA GPU)",
 }
 
+def _install_linear_ce(model, choice: str) -> int:
+    from veomni.models.transformers.dense_decoder import DecoderForCausalLM
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, DecoderForCausalLM):
+            if n == 0 and choice in ("triton", "liger"):
+                (require_triton if choice == "triton" else require_liger)(f"model.ops.linear_ce={choice}")
+            # The model's forward makes this choice current around its loss_fn call
+            # (veomni.ops.linear_ce.use_linear_ce), so every objective's head + CE follows it.
+            m.linear_ce_impl = choice
+            n += 1
+    return n
+
+
 OPS: Dict[str, OpSpec] = {
     # Choices must equal veomni.ops.moe_experts.EXPERT_IMPLS (tests/ops/test_ops_registry.py);
     # listed here so that the config does not import torch.
@@ -189,6 +204,14 @@ OPS: Dict[str, OpSpec] = {
         about={**_KERNEL_ABOUT, "triton": _KERNEL_ABOUT["triton"] + "; hidden_act=silu only",
                "liger": _KERNEL_ABOUT["liger"] + "; hidden_act=silu only"},
         install=_install_swiglu),
+    # Choices must equal veomni.ops.linear_ce.LINEAR_CE_IMPLS.
+    "linear_ce": OpSpec(
+        choices=("eager", "triton", "liger"), default="eager",
+        about={"eager": "LM head + CE on the loss positions only, chunked over rows in plain torch (fp32 logits)",
+               "triton": "the same chunked head + CE in our Triton kernels (CUDA; pip install -e '.[kernels]')",
+               "liger": "liger-kernel's fused linear CE on the loss positions (CUDA; per-token 1/t weights need "
+                        "a liger-kernel with per-row gradients, see veomni/ops/linear_ce.py)"},
+        install=_install_linear_ce),
 }
 
 

@@ -278,6 +278,10 @@ class Trainer:
 
             kwargs = d3llm_objective_kwargs(self.args, self.mask_token_id)
         self.objective = build_objective(t.objective, **kwargs)
+        from veomni.ops.linear_ce import check_linear_ce_objective
+
+        # liger + 1/t weights needs a liger-kernel with per-row gradients: say so now, not at step 1.
+        check_linear_ce_objective(m.ops["linear_ce"], getattr(self.objective, "weighting", "none"))
 
     def _passes(self, mb: dict, corr) -> int:
         """How many times the model computes each data token of a micro-batch: bd3lm's [x_t ; x_0]

@@ -27,6 +27,7 @@ from veomni.ops.attention import AttnMeta, attention, check_attention
 from veomni.ops.rms_norm import rms_norm
 from veomni.ops.rope import _rotate_half, apply_rope  # noqa: F401  (re-exported: the RoPE lives in veomni/ops/rope.py)
 from veomni.ops.swiglu import gated_act
+from veomni.ops.linear_ce import use_linear_ce
 
 
 @dataclass
@@ -330,6 +331,7 @@ class DecoderForCausalLM(nn.Module):
     qkv_bias: Optional[bool] = None  # None -> config.attention_bias
     o_bias: Optional[bool] = None
     qk_norm: bool = False
+    linear_ce_impl: str = "eager"  # model.ops.linear_ce; apply_ops sets it per instance
 
     def __init__(self, config, attn_impl: str = "sdpa"):
         super().__init__()
@@ -459,7 +461,9 @@ class DecoderForCausalLM(nn.Module):
         )
         stats = stats or None
         if loss_fn is not None:
-            return CausalLMOutput(loss=loss_fn(hidden, self.lm_head.weight), hidden_states=hidden,
+            with use_linear_ce(self.linear_ce_impl):  # model.ops.linear_ce for the objective's head + CE
+                loss = loss_fn(hidden, self.lm_head.weight)
+            return CausalLMOutput(loss=loss, hidden_states=hidden,
                                   past_key_values=past_key_values, router_stats=stats)
         h = hidden if logits_to_keep is None else hidden[:, logits_to_keep]
         return CausalLMOutput(logits=self.lm_head(h), hidden_states=hidden, past_key_values=past_key_values,
