@@ -208,3 +208,16 @@ class EditFlowObjective:
             return loss + head_weight.sum() * 0.0
 
         return fn
+
+
+def editflow_objective_kwargs(args, model, tokenizer, mask_token_id: int) -> dict:
+    """EditFlowObjective's arguments from the config and the (not yet parallelised) model."""
+    e = args.train.editflow
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError(f"train.objective=editflow anchors insertions on a BOS token, and tokenizer "
+                         f"{getattr(tokenizer, 'name_or_path', '')!r} has none: set its bos_token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return dict(heads=model.editflow, mask_token_id=mask_token_id, bos_token_id=bos, pad_token_id=pad,
+                x0_sampler=e.x0_sampler, schedule=e.schedule, max_w=e.max_w, eps=e.time_eps,
+                chunk_size=args.train.ce_chunk_size)
