@@ -28,7 +28,7 @@ Choices, and how they differ from dllm:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 
