@@ -88,7 +88,7 @@ def test_batch_equals_one_by_one_tiny_model():
         return editflow_forward(model, ids, mask)
 
     prompts = [[BOS, 5, 6, 7, 8], [BOS, 9], [BOS, 3, 4]]
-    kw = dict(bos_id=BOS, mask_id=MASK, pad_id=PAD, tau=0.1, init_masks=4, max_length=24)
+    kw = dict(bos_id=BOS, mask_id=MASK, pad_id=PAD, tau=0.2, init_masks=4, max_length=24)
     for temperature in (0.0, 1.0):
         batch = editflow_sample(forward, prompts, seeds=[11, 12, 13], temperature=temperature, **kw)
         alone = [editflow_sample(forward, [p], seeds=[s], temperature=temperature, **kw).sequences[0]
@@ -119,3 +119,22 @@ def test_editflow_checkpoint_save_load_roundtrip(tmp_path):
     assert torch.equal(a.sub_logits[0, 1:], a.ins_logits[0, :-1])
     assert not torch.equal(a.sub_logits[0, 1:], a.ins_logits[0, 1:])
     assert a.sub_logits.shape == (1, 4, V) and a.rates.shape == (1, 4, 3) and (a.rates >= 0).all()
+
+
+def test_live_view_marks_edits(smollm2_dir):
+    import io
+
+    from veomni.inference.editflow import EditLiveView, render_events
+    from veomni.models.hf_io import load_tokenizer
+
+    tok = load_tokenizer(str(smollm2_dir))
+    a, b, c = (tok(w, add_special_tokens=False).input_ids[0] for w in ("cat", " dog", " sat"))
+    mask = 12345
+    events = [("keep", a), ("ins", b), ("del", c), ("sub", c, b), ("keep", mask)]
+    assert render_events(tok, events, mask, tty=False) == "cat[+ dog][- sat][ sat-> dog]░"
+    colored = render_events(tok, events, mask, tty=True)
+    assert "\x1b[32m dog" in colored and "\x1b[9m sat" in colored
+    stream = io.StringIO()
+    view = EditLiveView(tok, [1, 1], mask, stream=stream, tty=False)
+    view(3, None, [[("keep", a), ("ins", b)], [("keep", a), ("del", c)]])
+    assert stream.getvalue().splitlines() == ["[step 3][row 0] [+ dog]", "[step 3][row 1] [- sat]"]

@@ -23,10 +23,11 @@ def test_editflow_train_export_infer_and_exact_resume(tiny_model_dir, tiny_corpu
     # the exported model reloads with its trained heads and samples through the CLI (live view on a pipe)
     from veomni.inference.cli import main
 
-    main(["--model_path", str(straight / "hf"), "--prompt", "def f", "--infer.alg=editflow", "--live",
-          "--infer.editflow.tau=0.25", "--infer.editflow.init_masks=4", "--infer.editflow.max_length=32"])
+    assert main(["--model_path", str(straight / "hf"), "--prompt", "def f", "--prompt", "x = 1", "--live", "--stats",
+                 "--infer.alg=editflow", "--infer.editflow.tau=0.25", "--infer.editflow.init_masks=4",
+                 "--infer.editflow.max_length=32"]) == 0
     out = capsys.readouterr().out
-    assert "[step" in out or out.strip(), out
+    assert "stats: nfe=" in out and "=== [0] def f" in out and "=== [1] x = 1" in out, out
 
     killed = tmp_path / "killed"
     args = _args(tiny_model_dir, tiny_corpus, killed, "--train.max_steps=4", "--train.save_steps=2", *EF)
