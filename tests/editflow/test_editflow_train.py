@@ -57,3 +57,21 @@ def test_editflow_config_refusals():
         parse_args(Arguments, base[:2] + ["--data.packing=false", "--train.data_parallel=fsdp2"])
     with pytest.raises(ConfigError, match="train.objective=editflow only"):
         parse_args(Arguments, ["--model.model_path=x", "--train.editflow.x0_sampler=empty"])
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_editflow_two_ranks_equal_one(tiny_model_dir, tiny_corpus, tmp_path, mode):
+    """2 data-parallel ranks == 1 process with 2 accumulation steps: same rows, same (t, u) draws (keyed by
+    the global micro-batch index), the global denominator counts the sequences of both ranks."""
+    ef = ("--train.objective=editflow", "--data.packing=false", "--train.editflow.x0_sampler=masks:8",
+          "--model.meta_init=false")
+    one = tmp_path / "one"
+    _run(_args(tiny_model_dir, tiny_corpus, one, "--train.max_steps=3", "--train.data_parallel=none", *ef))
+    two = tmp_path / "two"
+    _run(_args(tiny_model_dir, tiny_corpus, two, "--train.max_steps=3", f"--train.data_parallel={mode}", *ef), nproc=2)
+    assert len(_metrics(one)) == len(_metrics(two)) == 3
+    for a, b in zip(_metrics(one), _metrics(two)):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, abs(a["loss"])), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, a["grad_norm"]), (a, b)
+        assert a["tokens_seen"] == b["tokens_seen"]
