@@ -55,6 +55,9 @@ def test_editflow_config_refusals():
         parse_args(Arguments, base + ["--data.packing=false", "--model.attn_mode=causal"])
     with pytest.raises(ConfigError, match="meta_init"):
         parse_args(Arguments, base[:2] + ["--data.packing=false", "--train.data_parallel=fsdp2"])
+    with pytest.raises(ConfigError, match="deepspeed"):
+        parse_args(Arguments, base[:2] + ["--data.packing=false", "--train.data_parallel=deepspeed",
+                                          "--train.zero_stage=2"])
     with pytest.raises(ConfigError, match="train.objective=editflow only"):
         parse_args(Arguments, ["--model.model_path=x", "--train.editflow.x0_sampler=empty"])
 

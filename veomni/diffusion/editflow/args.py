@@ -75,6 +75,9 @@ def check_editflow(args) -> None:
                                                      "loaded LM head): set model.meta_init=false"),
         (bool(m.lora_rank), f"model.lora_rank={m.lora_rank} (the new heads must train in full)"),
         (t.expert_parallel_size > 1, f"train.expert_parallel_size={t.expert_parallel_size}"),
+        # ZeRO-3 would also need the sub / ins head weights registered as external parameters (the fused
+        # loss reads them inside the root forward); no equivalence test covers DeepSpeed with EditFlow yet.
+        (t.data_parallel == "deepspeed", "train.data_parallel=deepspeed (use ddp or fsdp2, both tested)"),
     )
     for bad, what in refused:
         _check(not bad, f"train.objective=editflow does not compose with {what}")
