@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from veomni.diffusion.editflow.args import EditFlowInferArgs, EditFlowTrainArgs, check_editflow
 from veomni.ops.registry import default_ops, ops_help, resolve_ops
 
 from .parser import ConfigError, cfg_field
@@ -19,7 +20,7 @@ AttnImpl = Literal["sdpa", "eager", "flex", "flash_attention_2"]
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AttnMode = Literal["causal", "bidirectional", "block_causal"]
 SamplerAlg = Literal["origin", "maskgit_plus", "topk_margin", "entropy", "p2", "low_confidence", "random",
-                     "threshold", "factor", "multi_block", "low_entropy"]
+                     "threshold", "factor", "multi_block", "low_entropy", "editflow"]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -271,12 +272,13 @@ class TrainArgs:
     max_consecutive_skips: int = cfg_field(
         5, help="A step with a non-finite loss or gradient norm is skipped (no update; logged and counted "
                 "as skipped_steps in metrics.jsonl); the run stops after this many in a row.")
-    objective: Literal["mdm", "bd3lm", "ar", "d3llm"] = cfg_field(
+    objective: Literal["mdm", "bd3lm", "ar", "d3llm", "editflow"] = cfg_field(
         "mdm", help="mdm: masked-diffusion loss; bd3lm: block diffusion, rows fed as [x_t ; x_0] so every "
                     "noisy block is denoised from clean earlier blocks (needs model.attn_mode=block_causal and "
                     "model.block_size); d3llm: SFT responses masked by a teacher's decoding order "
                     "(train.d3llm, data.trajectory_path; loss_weighting/normalization/noise_* are for mdm and "
-                    "bd3lm); ar: next-token loss (needs model.attn_mode=causal). docs/recipes.md.")
+                    "bd3lm); ar: next-token loss (needs model.attn_mode=causal); editflow: insert / delete / "
+                    "substitute edits (train.editflow, data.packing=false). docs/recipes.md.")
     repr_align_weight: float = cfg_field(
         0.0, help="Repr-Align (Open-dLLM): weight of 1 - cosine between the student's hidden states and the "
                   "frozen AR model's (causal, clean input) at the rows whose next token is masked; 0 = off, "
@@ -355,6 +357,8 @@ class TrainArgs:
         0.0, help="MoE: weight of the router z-loss (ST-MoE: mean logsumexp(router logits)^2); 0 = off. "
                   "An error on a dense model when > 0.")
     d3llm: D3LLMArgs = cfg_field(default_factory=D3LLMArgs, help="train.objective=d3llm: curriculum and losses.")
+    editflow: EditFlowTrainArgs = cfg_field(default_factory=EditFlowTrainArgs,
+                                            help="train.objective=editflow: x0 sampler and kappa schedule.")
 
     def __post_init__(self) -> None:
         self._check_schedule()
@@ -493,6 +497,8 @@ class InferArgs:
     decoded_token_threshold: Optional[float] = cfg_field(
         None, help="alg=multi_block: a block is fully active once its predecessor is this fraction "
                    "decoded; none = 0.95.")
+    editflow: EditFlowInferArgs = cfg_field(default_factory=EditFlowInferArgs,
+                                            help="alg=editflow: tau-leaping settings.")
     stop_strings: list[str] = cfg_field(
         [], help="Cut each completion before the first of these strings (after EOS trimming). A string "
                  "with a comma needs the YAML form: --infer.stop_strings='[\"a,b\"]'.")
@@ -542,6 +548,7 @@ class Arguments:
     def __post_init__(self) -> None:
         self._check_objective_vs_attention()
         self._check_d3llm()
+        check_editflow(self)  # veomni/diffusion/editflow/args.py
         self._check_lora_composition()
 
     def _check_lora_composition(self) -> None:

@@ -283,5 +283,9 @@ def build_objective(name: str, **kwargs) -> _HeadObjective:
         from veomni.diffusion.d3llm import D3LLMObjective
 
         return D3LLMObjective(**kwargs)
+    if name == "editflow":  # insert / delete / substitute edits (veomni/diffusion/editflow/objective.py)
+        from veomni.diffusion.editflow.objective import EditFlowObjective
+
+        return EditFlowObjective(**kwargs)
     raise ValueError(f"unknown objective {name!r}; choose 'mdm' (masked diffusion), 'bd3lm' (block diffusion), "
                      "'d3llm' (teacher trajectories) or 'ar' (causal baseline)")

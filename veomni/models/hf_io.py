@@ -130,8 +130,10 @@ def _strip_quantization(config):
 
 def _meta_model(config, attn_impl: str):
     spec = get_spec(config.model_type)
+    from veomni.models.editflow import attach_if_configured
+
     with torch.device("meta"):
-        model = spec.model_class(config, attn_impl=attn_impl)
+        model = attach_if_configured(spec.model_class(config, attn_impl=attn_impl))  # EditFlow heads
     return spec, model
 
 

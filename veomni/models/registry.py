@@ -147,4 +147,7 @@ def get_spec(model_type: str) -> ModelSpec:
 
 def build_model(config, attn_impl: str = "sdpa"):
     """Instantiate our model for an HF config object (weights uninitialised: call init_weights or load)."""
-    return get_spec(config.model_type).model_class(config, attn_impl=attn_impl)
+    from veomni.models.editflow import attach_if_configured
+
+    # An EditFlow checkpoint (config.dllm_editflow) carries its heads: build them too.
+    return attach_if_configured(get_spec(config.model_type).model_class(config, attn_impl=attn_impl))

@@ -204,6 +204,10 @@ class Trainer:
         model.config.dllm_attn_mode = a.model.attn_mode
         model.config.dllm_block_size = a.model.block_size
         model.config.dllm_logit_shift = a.train.logit_shift
+        if a.train.objective == "editflow":  # sub / ins heads from the LM head, a rate head (veomni/models/editflow.py)
+            from veomni.models.editflow import attach_editflow_heads
+
+            attach_editflow_heads(model, a.train.logit_shift)
         if self._meta_load is None:
             model.to(self.ps.device)
         self._apply_freeze(model)
@@ -277,6 +281,10 @@ class Trainer:
             from veomni.diffusion.d3llm import d3llm_objective_kwargs
 
             kwargs = d3llm_objective_kwargs(self.args, self.mask_token_id)
+        elif t.objective == "editflow":  # edits instead of masks; the heads are called inside the model's forward
+            from veomni.diffusion.editflow.objective import editflow_objective_kwargs
+
+            kwargs = editflow_objective_kwargs(self.args, self.model, self.tokenizer, self.mask_token_id)
         self.objective = build_objective(t.objective, **kwargs)
         from veomni.ops.linear_ce import check_linear_ce_objective
 
@@ -464,7 +472,8 @@ class Trainer:
         fn = get_spec(cfg.model_type).flops_fn
         total = 0.0
         for mb, corr in zip(micro, corrs):
-            seg = mb["segment_ids"].cpu()  # one device sync, then cheap host-side counting
+            # EditFlow runs the model on x_t, not on the data rows: its corr carries the rows it computed.
+            seg = getattr(corr, "segment_ids", mb["segment_ids"]).cpu()  # one sync, then host-side counting
             lens = [int(n) for row in seg for n in torch.bincount(row[row > 0]) if n > 0]
             lens = lens * self._passes(mb, corr)
             total += fn(cfg, lens, head_tokens=int(corr.targets.numel()), attn_mode=self.objective.attn_mode,
