@@ -328,6 +328,10 @@ class TrainArgs:
                                               "(memory O(chunk x vocab)).")
     progress_bar: bool = cfg_field(True, help="Show a progress bar with tok/s and ETA (main rank).")
     dp_replicate: int = cfg_field(1, help="HSDP: replicate groups (dp_shard = world / dp_replicate).")
+    compile: bool = cfg_field(
+        False, help="torch.compile each decoder layer (after activation checkpointing, before FSDP2). "
+                    "The first steps are slower while it compiles; not with deepspeed, sequence or expert "
+                    "parallelism (docs/training.md, torch.compile).")
     expert_parallel_size: int = cfg_field(
         1, help="Expert parallelism: the experts of each MoE layer are split over this many ranks "
                 "(tokens travel to their experts by all-to-all); 1 = every rank holds every expert. "
