@@ -500,6 +500,10 @@ class InferArgs:
     stop_strings: list[str] = cfg_field(
         [], help="Cut each completion before the first of these strings (after EOS trimming). A string "
                  "with a comma needs the YAML form: --infer.stop_strings='[\"a,b\"]'.")
+    compile: bool = cfg_field(
+        False, help="torch.compile the model forward for decoding: CUDA graphs (mode reduce-overhead) on "
+                    "GPU, inductor on CPU. The first forwards compile (slow); pays off on long or repeated "
+                    "generations (docs/inference.md, compiled decoding).")
 
     def __post_init__(self) -> None:
         self._derive_steps()

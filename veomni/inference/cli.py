@@ -145,6 +145,10 @@ def main(argv: Optional[List[str]] = None, stdin=None, stdout=None) -> int:
     model, tokenizer = load_for_inference(args.model_path, args.tokenizer_path, dtype=args.dtype,
                                           device=args.device, attn_impl=args.attn_impl,
                                           add_mask_token=args.add_mask_token)
+    if args.infer.compile:
+        from veomni.inference.compiled import compile_for_decoding
+
+        compile_for_decoding(model)
     gen_cfg = generation_config_from_infer(args.infer)
     gen_cfg.output_history = bool(args.save_history)
     eos = model.config.eos_token_id
