@@ -67,10 +67,11 @@ def _layer_kinds(model: nn.Module) -> Dict[str, int]:
     return kinds
 
 
-def layer_graph_breaks(model: nn.Module, **forward_kwargs) -> Dict[str, List[str]]:
+def layer_graph_breaks(model: nn.Module, grad: bool = True, **forward_kwargs) -> Dict[str, List[str]]:
     """{layer kind: [graph-break reasons]} for the layers of an eager `model` called with
     `forward_kwargs` (e.g. input_ids=..., attn_mode="bidirectional"). Runs the model once to capture
-    each kind's real inputs, then torch._dynamo.explain on that layer alone."""
+    each kind's real inputs, then torch._dynamo.explain on that layer alone (with autograd unless
+    grad=False: flex attention has no CPU backward)."""
     kinds = _layer_kinds(model)
     blocks = decoder_blocks(model)
     captured = {}
@@ -91,7 +92,8 @@ def layer_graph_breaks(model: nn.Module, **forward_kwargs) -> Dict[str, List[str
     for kind, i in kinds.items():
         args, kwargs = captured[i]
         torch._dynamo.reset()
-        report = torch._dynamo.explain(blocks[i])(*args, **kwargs)
+        with torch.set_grad_enabled(grad):
+            report = torch._dynamo.explain(blocks[i])(*args, **kwargs)
         out[kind] = [_reason(b) for b in report.break_reasons]
     torch._dynamo.reset()
     return out
