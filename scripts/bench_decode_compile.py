@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--block_length", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls per shape (compilation happens here)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls per shape (compilation happens here)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no_e2e", action="store_true", help="skip the whole-generation row")
     args = p.parse_args()
