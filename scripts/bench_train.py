@@ -3,6 +3,7 @@
     python scripts/bench_train.py                         # SmolLM2-135M, batch 4 x 512, 3 timed steps
     python scripts/bench_train.py --batch 2 --seq 256 --steps 2 --skip_loss   # quicker
     python scripts/bench_train.py --device cuda --precision bf16 --batch 8 --seq 2048 --steps 10
+    python scripts/bench_train.py --compile                # adds the ours + train.compile row
 
 Both variants load the same SmolLM2-135M-Instruct weights (scripts/prepare_smollm2.py), get the same
 corrupted batch (our noise, one seed) and run forward + backward + AdamW (fp32 weights; with
@@ -11,6 +12,8 @@ corrupted batch (our noise, one seed) and run forward + backward + AdamW (fp32 w
         positions, chunked cross-entropy, 1/t weighting, normalised by maskable tokens.
   hf    transformers LlamaForCausalLM (sdpa) with an all-True 4D mask (bidirectional), full
         logits [B, S, V], the same loss written the obvious way (shift, gather masked, CE / t).
+  ours_compile (--compile)  ours with each decoder layer torch.compile'd, as train.compile=true
+        does (veomni/models/compile.py); compilation happens in the untimed warm-up step.
 Each variant runs in its own process (peak memory = VmHWM over the step on CPU, Linux;
 max_memory_allocated on CUDA). MFU uses the same useful model FLOPs for both (veomni.models.flops,
 head at loss positions) over the device peak: this CPU's matmul peak measured once in the parent
@@ -57,7 +60,7 @@ def _load(args, variant):
     from veomni.models.mask_token import ensure_mask_token
 
     tok = load_tokenizer(args.model_path)
-    if variant == "ours":
+    if variant.startswith("ours"):
         from veomni.models.hf_io import load_model
 
         model = load_model(args.model_path, dtype=torch.float32, attn_impl="sdpa")
@@ -66,6 +69,10 @@ def _load(args, variant):
 
         model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32, attn_implementation="sdpa")
     mask_id = ensure_mask_token(model, tok)
+    if variant == "ours_compile":
+        from veomni.models.compile import compile_decoder_layers
+
+        compile_decoder_layers(model)
     return model.train(), mask_id
 
 
@@ -100,7 +107,7 @@ def run_child(args) -> None:
         return loss.item()
 
     def _loss():
-        if args.child == "ours":
+        if args.child.startswith("ours"):
             return model(**obj.model_inputs(batch, corr), loss_fn=obj.loss_fn(corr, denom)).loss
         else:
             logits = model(input_ids=corr.noisy_ids, attention_mask=full_mask).logits
@@ -145,6 +152,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16 = autocast with fp32 master weights (fp32 on CPU: no bf16 hardware here)")
+    p.add_argument("--compile", action="store_true", help="add the ours_compile row (train.compile=true)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.model_path is None:
@@ -172,7 +180,8 @@ def main() -> None:
     else:
         peak = measure_matmul_peak(torch.float32, size=1024, repeats=10)
         where = f"{torch.get_num_threads()} CPU threads, fp32 matmul peak measured here {peak / 1e9:.1f} GFLOP/s"
-    res = {v: _child(args, v) for v in ("hf", "ours")}
+    variants = ("hf", "ours", "ours_compile") if args.compile else ("hf", "ours")
+    res = {v: _child(args, v) for v in variants}
     tol = 1e-3 if args.precision == "fp32" else 3e-2
     assert abs(res["hf"]["first_loss"] - res["ours"]["first_loss"]) < tol * abs(res["hf"]["first_loss"]), \
         f"the two variants disagree on the loss: {res}"
@@ -185,13 +194,19 @@ def main() -> None:
           f"({flops / 1e12:.3f} TFLOP/step) / time / peak")
     print("| variant | step s | tok/s | MFU | peak MiB | loss (step 0) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for v in ("hf", "ours"):
+    for v in variants:
         r = res[v]
         print(f"| {v} | {r['step_s']:.2f} | {tokens / r['step_s']:.0f} | {flops / r['step_s'] / peak:.1%} | "
               f"{r['peak_mib']:.0f} | {r['first_loss']:.4f} |")
     print(f"| ours / hf | {res['ours']['step_s'] / res['hf']['step_s']:.2f}x | "
           f"{res['hf']['step_s'] / res['ours']['step_s']:.2f}x | | "
           f"{res['ours']['peak_mib'] / res['hf']['peak_mib']:.2f}x | |")
+    if args.compile:
+        c = res["ours_compile"]
+        assert abs(c["first_loss"] - res["ours"]["first_loss"]) < tol * abs(res["ours"]["first_loss"]), \
+            f"compiled and eager disagree on the loss: {res}"
+        print(f"| ours_compile / hf | {c['step_s'] / res['hf']['step_s']:.2f}x | "
+              f"{res['hf']['step_s'] / c['step_s']:.2f}x | | {c['peak_mib'] / res['hf']['peak_mib']:.2f}x | |")
     if not args.skip_loss and not args.device.startswith("cuda"):
         print()
         sys.stdout.flush()

@@ -59,3 +59,37 @@ for SHAPE in "--vocab=49152 --hidden=576" "--vocab=151936 --hidden=896"; do
   python3 scripts/bench_loss_memory.py --device cuda --dtype bf16 --batch 8 --seq 2048 --chunk-size 4096 \
     $SHAPE --variants chunked,triton,liger | tee -a "$OUT/bench_loss_memory_gpu.md"
 done
+
+# 5. torch.compile (issue 13). Training at the Qwen2.5-0.5B shape (random weights, SmolLM2's
+#    tokenizer), bf16, seq 4096: HF eager vs ours vs ours + train.compile, tok/s and MFU in one table.
+#    (Rows with the Triton / liger op choices come from the kernels' own bench flags.)
+QWEN_DIR="$OUT/qwen2_5_0_5b_random"
+python3 - "$MODEL" "$QWEN_DIR" <<'PY'
+import sys, torch
+from transformers import Qwen2Config
+from veomni.models.hf_io import load_tokenizer, save_model
+from veomni.models.registry import build_model
+src, dst = sys.argv[1:]
+tok = load_tokenizer(src)
+cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+torch.manual_seed(0)
+model = build_model(cfg)
+model.init_weights()
+save_model(model, dst, tokenizer=tok)
+print("random-initialised Qwen2.5-0.5B shape", dst)
+PY
+python3 scripts/bench_train.py --model_path "$QWEN_DIR" --device cuda --precision bf16 \
+  --batch 4 --seq 4096 --steps 10 --compile | tee "$OUT/bench_train_compile_qwen0_5b.md"
+
+# 6. Decode ms per forward, eager vs compiled (CUDA graphs), batch 1 and 8, both model sizes.
+for M in "$MODEL" "$QWEN_DIR"; do
+  python3 scripts/bench_decode_compile.py --model_path "$M" --device cuda --dtype bfloat16 \
+    --batch_sizes 1,8 --prompt 256 --new_tokens 256 --block_length 32 --warmup 3 --repeats 20 \
+    | tee -a "$OUT/bench_decode_compile_gpu.md"
+done
+# The compiled-decoding test on the GPU (CUDA graphs + the preallocated cache; the layer tests stay on CPU).
+VEOMNI_TEST_DEVICE=cuda python3 -m pytest -q tests/inference/test_sampling_compile.py \
+  | tail -n 3 | tee "$OUT/compile_tests_gpu.txt"

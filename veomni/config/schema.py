@@ -330,6 +330,10 @@ class TrainArgs:
                                               "(memory O(chunk x vocab)).")
     progress_bar: bool = cfg_field(True, help="Show a progress bar with tok/s and ETA (main rank).")
     dp_replicate: int = cfg_field(1, help="HSDP: replicate groups (dp_shard = world / dp_replicate).")
+    compile: bool = cfg_field(
+        False, help="torch.compile each decoder layer (after activation checkpointing, before FSDP2). "
+                    "The first steps are slower while it compiles; not with deepspeed, sequence or expert "
+                    "parallelism (docs/training.md, torch.compile).")
     expert_parallel_size: int = cfg_field(
         1, help="Expert parallelism: the experts of each MoE layer are split over this many ranks "
                 "(tokens travel to their experts by all-to-all); 1 = every rank holds every expert. "
@@ -502,6 +506,10 @@ class InferArgs:
     stop_strings: list[str] = cfg_field(
         [], help="Cut each completion before the first of these strings (after EOS trimming). A string "
                  "with a comma needs the YAML form: --infer.stop_strings='[\"a,b\"]'.")
+    compile: bool = cfg_field(
+        False, help="torch.compile the model forward for decoding: CUDA graphs (mode reduce-overhead) on "
+                    "GPU, inductor on CPU. The first forwards compile (slow); pays off on long or repeated "
+                    "generations (docs/inference.md, compiled decoding).")
 
     def __post_init__(self) -> None:
         self._derive_steps()

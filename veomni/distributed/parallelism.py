@@ -8,7 +8,8 @@ wraps it in a fixed order, the one torchtitan's `parallelize_<model>` uses:
     2. sequence parallelism      (sp_size > 1: Ulysses hooks on the token mixers;
                                   veomni/distributed/sequence_parallel.py)
     3. activation checkpointing  (each decoder block, so the wrapper sits inside the FSDP unit)
-    4. (torch.compile: not applied yet)
+    4. torch.compile             (train.compile: each block's forward, around its checkpoint wrapper;
+                                  veomni/models/compile.py)
     5. data parallel             (FSDP2 over dp_shard x sp: each Experts module over ep_fsdp under
                                   EP, each block, then the root; or DDP around the whole model; or
                                   DeepSpeed ZeRO-2/3, veomni/distributed/deepspeed_engine.py)
@@ -43,6 +44,7 @@ class ParallelizeConfig:
     gradient_checkpointing: bool = False
     check_replicas: bool = True  # FSDP2: fail if ranks start from different weights (see below)
     deepspeed: Optional[Any] = None  # DeepSpeedOptions (zero stage, offload, ...) for dp_mode='deepspeed'
+    compile: bool = False  # torch.compile each decoder block (veomni/models/compile.py)
 
     def __post_init__(self):
         if self.dp_mode is not None and self.dp_mode not in DP_MODES:
@@ -51,6 +53,10 @@ class ParallelizeConfig:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISION}")
         if self.deepspeed is not None and self.dp_mode not in (None, "deepspeed"):
             raise ValueError(f"DeepSpeed options were given but dp_mode={self.dp_mode!r}; use dp_mode='deepspeed'.")
+        if self.compile and (self.dp_mode == "deepspeed" or self.deepspeed is not None):
+            # ZeRO-3 gathers parameters in module hooks that dynamo would trace; not tested here.
+            raise ValueError("train.compile=true is not supported with train.data_parallel=deepspeed; use "
+                             "fsdp2, ddp or none, or set train.compile=false.")
 
     @classmethod
     def from_args(cls, args) -> "ParallelizeConfig":
@@ -61,7 +67,7 @@ class ParallelizeConfig:
         t = args.train
         ds = deepspeed_options(t, t.grad_accum_steps) if t.data_parallel == "deepspeed" else None  # after resolve_batch
         return cls(dp_mode=t.data_parallel, mixed_precision=t.mixed_precision,
-                   gradient_checkpointing=args.model.gradient_checkpointing, deepspeed=ds)
+                   gradient_checkpointing=args.model.gradient_checkpointing, deepspeed=ds, compile=t.compile)
 
 
 def _as_config(cfg: Union[ParallelizeConfig, Mapping[str, Any], None]) -> ParallelizeConfig:
@@ -96,6 +102,19 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         if not isinstance(block, CheckpointWrapper):
             # Non-reentrant checkpointing: works with FSDP2 hooks and non-tensor args (AttnMeta).
             blocks[i] = checkpoint_wrapper(block)
+
+
+def apply_compile(model: nn.Module, ps: ParallelState) -> None:
+    """torch.compile each decoder block (veomni/models/compile.py has why and how)."""
+    from veomni.models.compile import compile_decoder_layers
+
+    if ps.sp_size > 1 or ps.ep_size > 1:
+        # Their all-to-all hooks would run inside the compiled block; no equivalence test covers that yet.
+        raise ValueError(f"train.compile=true is not supported with sequence or expert parallelism yet "
+                         f"(ulysses_parallel_size={ps.sp_size}, expert_parallel_size={ps.ep_size}); set "
+                         "train.compile=false or both sizes to 1.")
+    n = compile_decoder_layers(model)
+    logger.info("torch.compile: %d decoder blocks compiled (compilation happens on the first steps)", n)
 
 
 def _check_same_weights(model: nn.Module, ps: ParallelState) -> None:
@@ -182,6 +201,10 @@ def parallelize(model: nn.Module, parallel_state: ParallelState,
     # 3. activation checkpointing, innermost so each FSDP unit contains one checkpointed block.
     if cfg.gradient_checkpointing:
         apply_activation_checkpointing(model)
+    # 4. torch.compile of each block (its checkpoint wrapper included), before FSDP2 wraps it, so
+    # FSDP's all-gather hooks stay eager around the compiled graph.
+    if cfg.compile:
+        apply_compile(model, parallel_state)
     # 5. data parallelism.
     if mode == "fsdp2":
         if cfg.check_replicas and parallel_state.world_size > 1 and parallel_state.ep_size == 1:

@@ -146,9 +146,17 @@ def main(argv: Optional[List[str]] = None, stdin=None, stdout=None) -> int:
                                           device=args.device, attn_impl=args.attn_impl,
                                           add_mask_token=args.add_mask_token)
     if args.infer.alg == "editflow":  # edits, not masks: its own sampler and live view
+        if args.infer.compile:
+            raise SystemExit("--infer.compile compiles the masked-diffusion samplers' fixed-shape forwards; the "
+                             "editflow sampler's canvas changes length every step, so it runs eager: drop "
+                             "--infer.compile")
         from veomni.inference.editflow import run_editflow
 
         return run_editflow(args, model, tokenizer, prompts, out)
+    if args.infer.compile:
+        from veomni.inference.compiled import compile_for_decoding
+
+        compile_for_decoding(model)
     gen_cfg = generation_config_from_infer(args.infer)
     gen_cfg.output_history = bool(args.save_history)
     eos = model.config.eos_token_id

@@ -33,24 +33,39 @@ def check_experts_impl(impl: str) -> str:
     return impl
 
 
-class _GroupedMM(torch.autograd.Function):
-    """y[rows of group g] = x[rows of group g] @ b[g], with offs = cumulative rows per group.
+@torch.library.custom_op("veomni::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm as an opaque op with its own backward (CPU and non-bf16 path).
 
     torch._grouped_mm has no CPU backward (it fails with "Invalid strides/sizes"), so both
-    gradients are written as grouped matmuls themselves: dx = g @ b[g]^T, db[g] = x_g^T @ g_g."""
+    gradients are written as grouped matmuls themselves: dx = g @ b[g]^T, db[g] = x_g^T @ g_g.
+    A custom op rather than an autograd.Function because the fake (meta) kernel of _grouped_mm
+    accepts bf16 only: torch.compile of an fp32 MoE layer failed with "Expected inputs of BF16
+    type"; this op's fake kernel below states the output shape for any dtype."""
+    return torch._grouped_mm(x, b, offs=offs)
 
-    @staticmethod
-    def forward(ctx, x, b, offs):
-        ctx.save_for_backward(x, b, offs)
-        return torch._grouped_mm(x, b, offs=offs)
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, b, offs = ctx.saved_tensors
-        grad = grad.contiguous()
-        dx = torch._grouped_mm(grad, b.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
-        db = torch._grouped_mm(x.t(), grad, offs=offs) if ctx.needs_input_grad[1] else None
-        return dx, db, None
+@_grouped_mm_op.register_fake
+def _(x, b, offs):
+    if b.dim() == 3:  # [N, K] x [G, K, M] -> [N, M]
+        return x.new_empty(x.shape[0], b.shape[-1])
+    return x.new_empty(offs.shape[0], x.shape[0], b.shape[-1])  # [K, N] x [N, M] -> [G, K, M]
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    x, b, offs = inputs
+    ctx.save_for_backward(x, b, offs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    dx = _grouped_mm_op(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    db = _grouped_mm_op(x.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return dx, db, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def _aligned(n: int, element_size: int) -> int:
@@ -74,7 +89,7 @@ def grouped_mm(x: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.
         if x.is_cuda:  # CUDA has a native backward for _grouped_mm
             y = torch._grouped_mm(x, b, offs=offs)
         else:
-            y = _GroupedMM.apply(x, b, offs)
+            y = _grouped_mm_op(x, b, offs)
         return y if mp == m else y[:, :m]
     except RuntimeError as exc:
         raise RuntimeError(
@@ -110,7 +125,10 @@ def sort_by_expert(top_idx: torch.Tensor, num_experts: int):
     """(token index of each sorted pair, the pair order, rows per expert) for top_idx [T, k]."""
     flat = top_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # Not torch.bincount: its output length is max(id) + 1 when that exceeds minlength, a
+    # data-dependent shape that breaks the compiled graph. Same integer counts.
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat))
     return order // top_idx.shape[1], order, counts
 
 

@@ -107,7 +107,7 @@ class Trainer:
 
         self._par_cfg = dict(dp_mode=a.train.data_parallel, mixed_precision=a.train.mixed_precision,
                              gradient_checkpointing=a.model.gradient_checkpointing,
-                             deepspeed=deepspeed_options(a.train, self.grad_accum))
+                             deepspeed=deepspeed_options(a.train, self.grad_accum), compile=a.train.compile)
         # A meta model has no weights to compare across ranks; prepare_meta_model compared the checkpoint.
         self.model = parallelize(self.model, self.ps, {**self._par_cfg, "check_replicas": self._meta_load is None})
         if self._meta_load is not None:

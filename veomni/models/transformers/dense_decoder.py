@@ -299,7 +299,10 @@ class DecoderModel(nn.Module):
             else:
                 q_valid = valid[:, cache_position]
             k_pos, k_valid = past_key_values.update_meta(position_ids, q_valid, cache_position)
-            k_valid = None if bool(k_valid.all()) else k_valid
+            # bool(tensor) would break a compiled decode forward (veomni/inference/compiled.py) into
+            # two graphs; compiled, the mask stays applied (an all-True mask is the same attention).
+            if not torch.compiler.is_compiling() and bool(k_valid.all()):
+                k_valid = None
             k_idx = torch.arange(k_pos.shape[1], device=dev)
         else:
             k_pos, k_valid, k_idx = position_ids, valid, cache_position
