@@ -154,7 +154,7 @@ def test_bare_bert_model_checkpoint_needs_a_head(tmp_path):
 
 def test_mask_token_growth_grows_the_bias():
     """A tokenizer without [MASK]: the embedding, the tied decoder and the MLM bias all grow."""
-    from veomni.models.mask_token import apply_mask_plan, MaskPlan
+    from veomni.models.mask_token import MaskPlan, apply_mask_plan
 
     _, ours = build_bert_pair()
     apply_mask_plan(ours, MaskPlan(mask_id=VOCAB, old_rows=VOCAB, new_rows=VOCAB + 3, trained_rows=VOCAB,

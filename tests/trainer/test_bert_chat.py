@@ -69,7 +69,8 @@ def test_two_step_sft_prompt_never_scored(tiny_bert_dir, tmp_path, eos_canvas):
 
     eos = load_tokenizer(str(tiny_bert_dir)).eos_token_id
     out = tmp_path / "run"
-    seen, rows, prompt_lens = _train_and_spy(_argv(tiny_bert_dir, out, f"--data.pad_response_with_eos={str(eos_canvas).lower()}"), out)
+    switch = f"--data.pad_response_with_eos={str(eos_canvas).lower()}"
+    seen, rows, prompt_lens = _train_and_spy(_argv(tiny_bert_dir, out, switch), out)
     assert [r["step"] for r in rows] == [1, 2] and all(0 < r["loss"] < 30 for r in rows)
     assert len(seen) == 2
     first_prompt = int(min(prompt_lens))

@@ -105,7 +105,8 @@ def build_headless(src_dir: Path):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     not_head = [k for k in missing if not k.startswith("cls.")]
     if not_head or unexpected:
-        raise KeyError(f"{src_dir}: not a BERT encoder checkpoint (missing {not_head[:5]}, unexpected {unexpected[:5]})")
+        raise KeyError(f"{src_dir}: not a BERT encoder checkpoint (missing {not_head[:5]}, "
+                       f"unexpected {unexpected[:5]})")
     init_mlm_head(model)
     return model.eval()
 

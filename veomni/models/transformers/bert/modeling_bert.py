@@ -23,7 +23,6 @@ max_position_embeddings (512 for BERT-base / MiniLM), so data.max_seq_len <= 512
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
