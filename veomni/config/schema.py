@@ -180,6 +180,10 @@ class DataArgs:
                                                  "raising on the first one.")
     eval_split_ratio: float = cfg_field(0.0, help="Fraction of train_path held out for evaluation "
                                                   "(0 = none). Exclusive with eval_path.")
+    pad_response_with_eos: bool = cfg_field(
+        False, help="SFT response canvas (BERT-chat, dllm): fill each row after its example with EOS tokens that "
+                    "are attended to and scored, so the model learns where to stop; the canvas is max_seq_len "
+                    "minus the prompt. Needs data_type=sft, packing=false, no streaming (docs/data.md).")
     trajectory_path: Optional[str] = cfg_field(
         None, help="train.objective=d3llm: the store written by scripts/precompute_trajectories.py (a teacher's "
                    "unmasking order for every SFT example of train and eval data; docs/recipes.md).")
@@ -203,6 +207,10 @@ class DataArgs:
                "data.sources; give one weight per source")
         _check(all(w >= 0 for w in self.mixture_weights) and (not self.mixture_weights or sum(self.mixture_weights) > 0),
                f"data.mixture_weights must be >= 0 and not all 0, got {self.mixture_weights}")
+        _check(not self.pad_response_with_eos or (self.data_type == "sft" and not self.packing and not self.streaming),
+               "data.pad_response_with_eos=true fills each SFT row's tail with scored EOS: it needs "
+               f"data.data_type=sft, data.packing=false and data.streaming=false (got {self.data_type}, "
+               f"packing={self.packing}, streaming={self.streaming})")
         _check(not (self.streaming and self.eval_split_ratio > 0),
                "data.eval_split_ratio holds out documents of an in-memory corpus; with data.streaming give "
                "a separate data.eval_path")

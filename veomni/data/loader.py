@@ -50,6 +50,7 @@ def build_dataset(
     messages_key: str = "messages",
     text_suffixes: Sequence[str] = DEFAULT_TEXT_SUFFIXES,
     use_chat_template: bool = True,
+    pad_response_with_eos: bool = False,
 ) -> "PackedDataset | PackedShardDataset":
     """Read + tokenize (or load from ``cache_dir``) + lay out rows. See docs/data.md.
 
@@ -58,8 +59,13 @@ def build_dataset(
     corpus on every rank; concurrent builds are safe, only wasteful. A directory written by
     scripts/pack_data.py is opened as it is (``PackedShardDataset``), after checking that it was
     packed with this tokenizer, data_type, max_seq_len and packing.
+    ``pad_response_with_eos``: SFT with packing=False only; each row's tail after its example is EOS
+    that the loss scores (the response canvas, veomni/data/packing.py).
     """
     single = paths if isinstance(paths, (str, os.PathLike)) else (paths[0] if len(paths) == 1 else None)
+    if pad_response_with_eos and single is not None and (is_packed_dir(single) or is_hf_spec(single)):
+        raise ValueError(f"data.pad_response_with_eos applies to files tokenized here, not to {single!r} "
+                         "(packed shards / hf: streams); point data.train_path at the .jsonl files")
     if single is not None and is_packed_dir(single):
         from .shards import PackedShardDataset
 
@@ -81,7 +87,8 @@ def build_dataset(
     files = resolve_files(paths, opts.text_suffixes)
     store = tokenize_files(files, tokenizer, opts, cache_dir=cache_dir, use_chat_template=use_chat_template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ds = PackedDataset(store, max_seq_len, packing=packing, pad_token_id=pad)
+    ds = PackedDataset(store, max_seq_len, packing=packing, pad_token_id=pad,
+                       eos_fill=tokenizer.eos_token_id if pad_response_with_eos else None)
     if ds.dropped or ds.truncated:
         logger.warning("%d SFT example(s) truncated to max_seq_len=%d, %d dropped (prompt alone >= max_seq_len)",
                        ds.truncated, ds.max_seq_len, ds.dropped)
@@ -293,6 +300,7 @@ def build_dataloaders(
     num_workers: int = 0,
     prefetch_factor: int = 2,
     gather=None,
+    pad_response_with_eos: bool = False,
 ):
     """(train_loader, eval_loader or None).
 
@@ -322,11 +330,15 @@ def build_dataloaders(
     weights = normalise_weights(mixture_weights, len(sources))
     common = dict(tokenizer=tokenizer, data_type=data_type, max_seq_len=max_seq_len, packing=packing,
                   cache_dir=cache_dir, text_key=text_key, skip_bad_lines=skip_bad_lines,
-                  use_chat_template=use_chat_template)
+                  use_chat_template=use_chat_template, pad_response_with_eos=pad_response_with_eos)
     loader_kw = dict(num_workers=num_workers, prefetch_factor=prefetch_factor)
     evald = None
     if streaming:
         from .sources import open_source
+
+        if pad_response_with_eos:
+            raise ValueError("data.pad_response_with_eos is not supported with data.streaming=true (rows are packed "
+                             "on the fly there); use in-memory data")
         from .streaming import StreamingLoader, StreamingRows
 
         if eval_split_ratio:

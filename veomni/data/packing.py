@@ -12,6 +12,11 @@ Row layouts:
 SFT examples longer than max_seq_len are truncated at the end (the EOS is lost) and counted in
 ``truncated``; an example whose prompt alone fills max_seq_len has no response left and is dropped,
 counted in ``dropped``.
+EOS-padded response canvas (``eos_fill``, data.pad_response_with_eos; SFT with packing=False): the
+row's tail after the example is filled with EOS tokens that belong to the example: same segment,
+attended to, positions continuing, maskable. The diffusion loss then scores them, so the model
+learns to fill the part of a canvas it does not need with EOS, i.e. where to stop (dllm's BERT-chat
+does this by scoring the EOS padding with no attention mask).
 
 Row tensors (all length max_seq_len; see docs/data.md for the batch contract):
   input_ids      token ids, pad_token_id on padding
@@ -70,7 +75,8 @@ class PackedDataset:
     """
 
     def __init__(self, store: TokenStore, max_seq_len: int, packing: bool = True,
-                 pad_token_id: Optional[int] = None, doc_ids: Optional[np.ndarray] = None):
+                 pad_token_id: Optional[int] = None, doc_ids: Optional[np.ndarray] = None,
+                 eos_fill: Optional[int] = None):
         if max_seq_len is None or int(max_seq_len) < 2:
             raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
         if pad_token_id is None:
@@ -80,6 +86,11 @@ class PackedDataset:
         self.packing = bool(packing)
         self.pad_token_id = int(pad_token_id)
         self.data_type = store.data_type
+        if eos_fill is not None and (self.data_type != "sft" or self.packing):
+            raise ValueError("the EOS-padded response canvas (data.pad_response_with_eos) needs data_type=sft and "
+                             f"packing=false: each row is one example and its tail (got data_type={self.data_type}, "
+                             f"packing={self.packing})")
+        self.eos_fill = None if eos_fill is None else int(eos_fill)
         self.doc_ids = np.arange(store.num_docs) if doc_ids is None else np.asarray(doc_ids, dtype=np.int64)
         self.skipped = dict(store.skipped)
         self.dropped = 0
@@ -158,7 +169,7 @@ class PackedDataset:
         ids = [tokens[offsets[d] + a: offsets[d] + b] for d, a, b in pieces]
         # SFT pieces always start at 0 (examples are never split), so the prompt length applies as is.
         prompt = None if plens is None else [int(plens[d]) for d, _, _ in pieces]
-        return build_row(ids, prompt, self.max_seq_len, self.pad_token_id)
+        return build_row(ids, prompt, self.max_seq_len, self.pad_token_id, eos_fill=self.eos_fill)
 
     def pad_row(self) -> Dict[str, torch.Tensor]:
         """An all-padding row (no real token, nothing maskable): fills a short last global batch."""
@@ -178,7 +189,8 @@ class PackedDataset:
             raise ValueError(f"eval_split_ratio={eval_ratio} leaves no training document out of {n}")
         perm = np.random.default_rng(seed).permutation(n)
         eval_sel, train_sel = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
-        make = lambda sel: PackedDataset(self.store, self.max_seq_len, self.packing, self.pad_token_id, self.doc_ids[sel])
+        make = lambda sel: PackedDataset(self.store, self.max_seq_len, self.packing, self.pad_token_id,  # noqa: E731
+                                         self.doc_ids[sel], eos_fill=self.eos_fill)
         return make(train_sel), make(eval_sel)
 
     def __repr__(self) -> str:
@@ -188,13 +200,15 @@ class PackedDataset:
 
 
 def build_row(pieces: Sequence[np.ndarray], prompt_lens: Optional[Sequence[int]], max_seq_len: int,
-              pad_token_id: int) -> Dict[str, torch.Tensor]:
+              pad_token_id: int, eos_fill: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """One row dict (``BATCH_KEYS``) from its document pieces, laid out left to right.
 
     ``pieces``: token arrays (total length <= max_seq_len). ``prompt_lens``: None when every real
     token is maskable (pretraining), else one prompt length per piece (SFT; clipped to the piece).
     Shared by the in-memory rows, the packed shards and the streaming packer, so every path
     produces the same tensors for the same pieces.
+    ``eos_fill``: an EOS id that fills the tail after the last piece as part of that piece (real,
+    maskable, positions continuing): the EOS-padded response canvas of SFT (module docstring).
     """
     L = max_seq_len
     ids = np.full(L, pad_token_id, dtype=np.int64)
@@ -214,6 +228,13 @@ def build_row(pieces: Sequence[np.ndarray], prompt_lens: Optional[Sequence[int]]
         else:
             maskable[cur + min(int(prompt_lens[s - 1]), n): cur + n] = True
         cur += n
+    if eos_fill is not None and pieces and cur < L:
+        last = len(pieces)
+        ids[cur:] = eos_fill
+        pos[cur:] = pos[cur - 1] + 1 + np.arange(L - cur)
+        seg[cur:] = last
+        maskable[cur:] = True
+        cur = L
     # Padding tail: one position run 0..k-1, so position-id based varlen (cu_seqlens) sees a
     # single extra sequence instead of k length-1 ones.
     pos[cur:] = np.arange(L - cur)

@@ -85,7 +85,8 @@ def _as_config(cfg: Union[ParallelizeConfig, Mapping[str, Any], None]) -> Parall
 
 
 def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(getattr(model, "model", None), "layers", None)
+    # A family with another layout names its blocks itself (the BERT encoder: bert.encoder.layer).
+    layers = model.blocks() if hasattr(model, "blocks") else getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise TypeError(f"{type(model).__name__} has no `.model.layers` ModuleList of decoder blocks; "
                         "parallelize() expects the DecoderForCausalLM layout.")

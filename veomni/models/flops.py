@@ -97,7 +97,9 @@ def trainability(model) -> Optional[Trainability]:
 
     if all(p.requires_grad for p in model.parameters()):
         return None
-    backbone = model.model
+    backbone = getattr(model, "model", None)
+    if backbone is None:  # another layout (the BERT encoder): its FLOPs count every parameter as trained
+        return None
     from veomni.models.transformers.moe import Experts
 
     below = any(p.requires_grad for p in backbone.embed_tokens.parameters())

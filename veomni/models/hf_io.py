@@ -150,11 +150,16 @@ def missing_weights_error(source, model, missing) -> KeyError:
            if HEAD_KEY in missing else ""))
 
 
+def tied_aliases(model) -> tuple:
+    """State-dict names that are another parameter under a second name, stored once under the other
+    one: a tied lm_head (HF saves it as the embedding), and what a family declares in
+    `tied_aliases` (BERT's cls.predictions.decoder.weight / .bias)."""
+    return tuple(getattr(model, "tied_aliases", ())) + ((HEAD_KEY,) if _is_tied(model.config) else ())
+
+
 def _expected_keys(model) -> set:
     keys = set(model.state_dict().keys())  # non-persistent buffers (rotary inv_freq) are excluded
-    if _is_tied(model.config):
-        keys.discard(HEAD_KEY)  # HF saves a tied head once, under the embedding's name
-    return keys
+    return keys - set(tied_aliases(model))
 
 
 def _finish_load(model, device, dtype: torch.dtype, loaded: set, source) -> torch.nn.Module:
@@ -192,9 +197,9 @@ def _finish_load(model, device, dtype: torch.dtype, loaded: set, source) -> torc
 
 
 def _assign_shard(model, sd: Dict[str, torch.Tensor], expected: set, device, dtype, source, loaded: set):
-    if _is_tied(model.config):
+    for alias in tied_aliases(model):
         # Some exporters write the tied head too; it is the same tensor, and HF ignores it as well.
-        sd.pop(HEAD_KEY, None)
+        sd.pop(alias, None)
     unexpected = sorted(set(sd) - expected)
     if unexpected:
         raise KeyError(
@@ -336,8 +341,8 @@ def _state_dict_for_save(model) -> Dict[str, torch.Tensor]:
         )
     if not tied and head is emb:
         raise ValueError("lm_head.weight is embed_tokens.weight but config.tie_word_embeddings is False.")
-    if tied:
-        sd.pop(HEAD_KEY, None)  # HF convention: a tied head is stored once, as the embedding
+    for alias in tied_aliases(model):
+        sd.pop(alias, None)  # HF convention: a tied head is stored once, as the embedding
     for key, t in sd.items():
         if t.is_meta:
             raise ValueError(f"Cannot save {key}: it is on the meta device (model not loaded/initialised).")

@@ -118,6 +118,16 @@ def apply_mask_plan(model, plan: MaskPlan) -> int:
         embed.weight[plan.spare_row] = mean_row(embed.weight, plan.trained_rows)
         if head is not None and not tied:
             head.weight[plan.spare_row] = mean_row(head.weight, plan.trained_rows)
+    bias = getattr(head, "bias", None) if head is not None else None
+    if bias is not None and (plan.new_rows > bias.shape[0] or plan.spare_row is not None):
+        # An output bias (BERT's MLM head) grows with the vocabulary, its new rows at the mean too.
+        # The model places it (set_output_bias), as it may be one Parameter under two names.
+        grown = _grow(bias[:, None], plan.new_rows, plan.trained_rows, bias.shape[0])[:, 0]
+        if plan.spare_row is not None:
+            grown[plan.spare_row] = mean_row(bias[:, None], plan.trained_rows)[0]
+        grown = nn.Parameter(grown.detach().clone(), requires_grad=bias.requires_grad)
+        setter = getattr(model, "set_output_bias", None)
+        setter(grown) if setter is not None else setattr(head, "bias", grown)
 
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()

@@ -103,6 +103,30 @@ def text_config(config):
     return text
 
 
+def _bert_keys(state_dict: Dict) -> Dict:
+    """An HF BERT checkpoint -> our BertForMaskedLM names. A bare BertModel (sentence-transformers)
+    stores its weights without the `bert.` prefix; TF-era files name LayerNorm weights gamma/beta.
+    Dropped: the position_ids / token_type_ids buffers (recomputed), and the tied aliases
+    cls.predictions.decoder.* (the word embeddings and cls.predictions.bias, stored once)."""
+    from veomni.models.transformers.bert.modeling_bert import TIED_ALIASES
+
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith(("embeddings.position_ids", "embeddings.token_type_ids")) or k in TIED_ALIASES:
+            continue
+        if not k.startswith(("bert.", "cls.")):
+            k = "bert." + k
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        out[k] = v
+    return out
+
+
+def _bert_flops(*args, **kwargs):
+    from veomni.models.transformers.bert.modeling_bert import bert_flops
+
+    return bert_flops(*args, **kwargs)
+
+
 def _dense_flops(*args, **kwargs):
     from veomni.models.flops import dense_decoder_flops
 
@@ -133,6 +157,10 @@ MODEL_REGISTRY: Dict[str, ModelSpec] = {
     "qwen3_5_moe": ModelSpec("qwen3_5_moe", f"{_BASE}.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeForCausalLM",
                              "Qwen3_5MoeConfig", _dense_flops, hf_to_ours=_language_model_keys, fused_experts=True,
                              skip_prefixes=_HYBRID_SKIP, text_model_type="qwen3_5_moe_text"),
+    # Encoder family (BERT-chat): our BertForMaskedLM. The pooler and the next-sentence head
+    # (BertForPreTraining checkpoints) are not part of the masked LM: skipped with one log line.
+    "bert": ModelSpec("bert", f"{_BASE}.bert.modeling_bert", "BertForMaskedLM", "BertConfig", _bert_flops,
+                      hf_to_ours=_bert_keys, skip_prefixes=("bert.pooler.", "cls.seq_relationship.")),
 }
 
 

@@ -253,6 +253,7 @@ class Trainer:
                       eval_path=a.data.eval_path, eval_split_ratio=a.data.eval_split_ratio,
                       sources=a.data.sources, mixture_weights=a.data.mixture_weights, streaming=a.data.streaming,
                       num_workers=a.data.num_workers, prefetch_factor=a.data.prefetch_factor,
+                      pad_response_with_eos=a.data.pad_response_with_eos,
                       # A streaming loader's state holds every dp rank's stream positions.
                       gather=self.ps.all_gather_object)
         if not self.ps.is_main:
@@ -268,6 +269,11 @@ class Trainer:
         from veomni.diffusion.objective import build_objective
 
         t = self.args.train
+        if t.logit_shift and getattr(self.model, "predicts_in_place", False):
+            raise ValueError(
+                f"train.logit_shift=true reads token i from position i-1, the convention of AR-initialised decoders; "
+                f"{type(self.model).__name__} is an encoder pretrained to predict each token at its own position "
+                "(an MLM). Set train.logit_shift=false (configs/quickstart/bert_chat.yaml does).")
         kwargs = dict(logit_shift=t.logit_shift, chunk_size=t.ce_chunk_size)
         m = self.args.model
         if t.objective in ("mdm", "bd3lm"):
