@@ -173,8 +173,11 @@ def sdpa_attention(q, k, v, meta: AttnMeta, scale: float) -> torch.Tensor:
     )
 
 
-def flex_attention(q, k, v, meta: AttnMeta, scale: float) -> torch.Tensor:
+def flex_attention(q, k, v, meta: AttnMeta, scale: float, compiled: Optional[bool] = None) -> torch.Tensor:
     """torch flex_attention with a mask_mod that states the same rule as `allowed_mask`.
+
+    compiled: run torch.compile's fused flex kernel (default: on CUDA only; True on CPU is the
+    inductor C++ kernel, forward only, which tests/ops/test_flex_compiled.py checks against sdpa).
 
     flex returns zeros for a query that sees no key (instead of NaN), so the empty-row fix of
     `allowed_mask` is not needed here; such rows are padding and their outputs are never read.
@@ -208,7 +211,7 @@ def flex_attention(q, k, v, meta: AttnMeta, scale: float) -> torch.Tensor:
     block_mask = create_block_mask(mask_mod, B=bsz, H=None, Q_LEN=sq, KV_LEN=sk, device=q.device)
     # Uncompiled flex materialises the full score matrix (fine for CPU tests); on GPU use the fused
     # kernel that torch.compile generates.
-    fn = _compiled_flex(_flex) if q.is_cuda else _flex
+    fn = _compiled_flex(_flex) if (q.is_cuda if compiled is None else compiled) else _flex
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
