@@ -81,7 +81,7 @@ def main() -> None:
     }
     align(windows[0][:64], windows[1][:64])  # warm-up (numpy import paths)
     print(f"x1 = {args.length} tokens, median of {args.reps} pairs, 1 thread")
-    print(f"| x0 | x0 tokens | reference (Python DP) ms | numpy row DP ms | speed-up |")
+    print("| x0 | x0 tokens | reference (Python DP) ms | numpy row DP ms | speed-up |")
     print("|---|---:|---:|---:|---:|")
     for name, make in cases.items():
         pairs = [(make(windows[i], i), windows[i]) for i in range(args.reps)]

@@ -74,6 +74,26 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+def cached_gradients_backward(ctx, grad_output, name: str):
+    """The backward of the fused head + CE Functions (this one, the Triton one): the gradients were
+    computed in forward and saved as (grad_hidden, grad_weight)."""
+    if ctx.backward_done:
+        # The cached gradients were scaled in place by the first backward; a second one
+        # (retain_graph=True) would silently return grad_output**2-scaled gradients.
+        raise RuntimeError(f"{name} supports a single backward per call; recompute the loss "
+                           "instead of backward(retain_graph=True) twice")
+    ctx.backward_done = True
+    if not ctx.saved_tensors:
+        raise RuntimeError(f"{name} was called with grad disabled; no gradients were computed")
+    grad_hidden, grad_weight = ctx.saved_tensors
+    # The loss is linear in the cached gradients, so scaling by grad_output is exact. In place:
+    # an out-of-place multiply would hold a second [V, H] copy at the backward peak. Always
+    # multiply: testing `grad_output == 1` first would force a device sync every step.
+    grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
+    grad_weight.mul_(grad_output.to(grad_weight.dtype))
+    return grad_hidden, grad_weight, None, None, None, None, None
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_weights, chunk_size, compute_dtype, needs_grad):
@@ -134,23 +154,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.backward_done:
-            # The cached gradients were scaled in place by the first backward; a second one
-            # (retain_graph=True) would silently return grad_output**2-scaled gradients.
-            raise RuntimeError(
-                "chunked_linear_cross_entropy supports a single backward per call; recompute the loss "
-                "instead of backward(retain_graph=True) twice"
-            )
-        ctx.backward_done = True
-        if not ctx.saved_tensors:
-            raise RuntimeError("chunked_linear_cross_entropy was called with grad disabled; no gradients were computed")
-        grad_hidden, grad_weight = ctx.saved_tensors
-        # The loss is linear in the cached gradients, so scaling by grad_output is exact. In place:
-        # an out-of-place multiply would hold a second [V, H] copy at the backward peak. Always
-        # multiply: testing `grad_output == 1` first would force a device sync every step.
-        grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
-        grad_weight.mul_(grad_output.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return cached_gradients_backward(ctx, grad_output, "chunked_linear_cross_entropy")
 
 
 def chunked_linear_cross_entropy(

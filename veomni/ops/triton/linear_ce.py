@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from veomni.ops.chunked_ce import DEFAULT_CHUNK_SIZE, _check_inputs, _compute_dtype
+from veomni.ops.chunked_ce import DEFAULT_CHUNK_SIZE, _check_inputs, _compute_dtype, cached_gradients_backward
 
 __all__ = ["triton_linear_cross_entropy"]
 
@@ -124,17 +124,7 @@ class _TritonLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        # The contract of chunked_linear_cross_entropy's backward, for the same reasons.
-        if ctx.backward_done:
-            raise RuntimeError("triton_linear_cross_entropy supports a single backward per call; recompute the "
-                               "loss instead of backward(retain_graph=True) twice")
-        ctx.backward_done = True
-        if not ctx.saved_tensors:
-            raise RuntimeError("triton_linear_cross_entropy was called with grad disabled; no gradients were computed")
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
-        grad_weight.mul_(grad_output.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return cached_gradients_backward(ctx, grad_output, "triton_linear_cross_entropy")
 
 
 def triton_linear_cross_entropy(
