@@ -9,7 +9,35 @@ config can name the default model without knowing where a machine keeps it.
 """
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 PREFIX = "embedded:"
+# Written last into a prepared directory: its presence means the directory is complete, and its
+# content (format version, source file name and size) says which wheel file it was built from.
+MARKER = ".veomni_prepared.json"
+
+
+def cache_dir(env_var: str, name: str) -> Path:
+    """Where an embedded model is prepared: $<env_var>, else ~/.cache/veomni/<name>."""
+    env = os.environ.get(env_var)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "veomni" / name
+
+
+def marker_content(src: Path, format_version: int) -> dict:
+    return {"format_version": format_version, "source": src.name, "source_bytes": src.stat().st_size}
+
+
+def is_prepared_from(out_dir, src: Path, format_version: int) -> bool:
+    """True when out_dir holds a complete preparation of `src` in this format version."""
+    marker = Path(out_dir) / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == marker_content(src, format_version)
+    except (json.JSONDecodeError, OSError):
+        return False
 
 
 def _smollm2():

@@ -28,10 +28,12 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from veomni.models.embedded import MARKER, cache_dir, is_prepared_from, marker_content  # noqa: F401  (MARKER re-exported)
+
 PACKAGE = "all_minilm_l6_v2"
 ZIP_NAME = "model.zip"
+
 ENV_DIR = "VEOMNI_MINILM_DIR"
-MARKER = ".veomni_prepared.json"  # written last: its presence means the directory is complete
 FORMAT_VERSION = 1
 _MEMBERS = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -51,24 +53,16 @@ def zip_path() -> Path:
 
 
 def default_model_dir() -> Path:
-    env = os.environ.get(ENV_DIR)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "veomni" / "all-minilm-l6-v2"
+    """${VEOMNI_MINILM_DIR}, else ~/.cache/veomni/all-minilm-l6-v2."""
+    return cache_dir(ENV_DIR, "all-minilm-l6-v2")
 
 
 def _marker_content(src: Path) -> dict:
-    return {"format_version": FORMAT_VERSION, "source": src.name, "source_bytes": src.stat().st_size}
+    return marker_content(src, FORMAT_VERSION)
 
 
 def is_prepared(out_dir) -> bool:
-    marker = Path(out_dir) / MARKER
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()) == _marker_content(zip_path())
-    except (json.JSONDecodeError, OSError):
-        return False
+    return is_prepared_from(out_dir, zip_path(), FORMAT_VERSION)
 
 
 def init_mlm_head(model) -> None:

@@ -14,9 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
+from veomni.models.embedded import MARKER, cache_dir, is_prepared_from, marker_content  # noqa: F401  (MARKER re-exported)
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 ENV_DIR = "VEOMNI_SMOLLM2_DIR"
-MARKER = ".veomni_prepared.json"  # written last: its presence means the directory is complete
 # Bump when the prepared layout changes, so old caches are rebuilt instead of half-trusted.
 FORMAT_VERSION = 1
 
@@ -40,25 +42,16 @@ def gguf_path() -> Path:
 
 
 def default_model_dir() -> Path:
-    """$VEOMNI_SMOLLM2_DIR, else ~/.cache/veomni/smollm2-135m-instruct."""
-    env = os.environ.get(ENV_DIR)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "veomni" / "smollm2-135m-instruct"
+    """${VEOMNI_SMOLLM2_DIR}, else ~/.cache/veomni/smollm2-135m-instruct."""
+    return cache_dir(ENV_DIR, "smollm2-135m-instruct")
 
 
 def _marker_content(src: Path) -> dict:
-    return {"format_version": FORMAT_VERSION, "source": src.name, "source_bytes": src.stat().st_size}
+    return marker_content(src, FORMAT_VERSION)
 
 
 def is_prepared(out_dir) -> bool:
-    marker = Path(out_dir) / MARKER
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()) == _marker_content(gguf_path())
-    except (json.JSONDecodeError, OSError):
-        return False
+    return is_prepared_from(out_dir, gguf_path(), FORMAT_VERSION)
 
 
 def prepare_smollm2(out_dir=None, force: bool = False) -> Path:
