@@ -224,7 +224,7 @@ def test_unknown_op_choice_is_refused(tiny_moe_dir, smollm2_dir, tiny_corpus, tm
     with pytest.raises(ConfigError, match=r"model.ops.moe_experts='fast' is not one of 'grouped'"):
         _trainer(tiny_moe_dir, smollm2_dir, tiny_corpus, tmp_path / "x", "--model.ops.moe_experts=fast")
     with pytest.raises(ConfigError, match=r"known ops: moe_experts"):
-        _trainer(tiny_moe_dir, smollm2_dir, tiny_corpus, tmp_path / "x", "--model.ops.swiglu=fused")
+        _trainer(tiny_moe_dir, smollm2_dir, tiny_corpus, tmp_path / "x", "--model.ops.geglu=fused")
 
 
 # ------------------------------------------------------------------ resume

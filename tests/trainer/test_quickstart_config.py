@@ -17,7 +17,7 @@ QUICKSTART = sorted((REPO / "configs" / "quickstart").glob("*.yaml"))
 
 def test_embedded_model_names():
     assert resolve_model_path("/some/dir") == "/some/dir"
-    with pytest.raises(ValueError, match="known: \\['embedded:smollm2-135m-instruct'\\]"):
+    with pytest.raises(ValueError, match="known: \\['embedded:smollm2-135m-instruct', 'embedded:all-minilm-l6-v2'\\]"):
         resolve_model_path("embedded:gpt-17")
 
 
