@@ -21,6 +21,7 @@ python3 tasks/train_torch.py configs/quickstart/smollm2_bd3lm.yaml --train.outpu
 
 # Block by block, one token per step, each finished block written once to the exact block cache.
 python3 tasks/infer.py --model_path "$OUT/hf" --prompt "def parse_header(line):" \
+  --prompt $'import os\n\ndef read_file(path):' \
   --infer.max_new_tokens=32 --infer.steps=32 --infer.alg=low_confidence --infer.block_length=8 \
   --infer.use_cache=block
 
