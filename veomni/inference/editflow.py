@@ -7,10 +7,9 @@ still waiting to be edited are `░`.
 """
 from __future__ import annotations
 
-import shutil
 from typing import List, Sequence
 
-from veomni.inference.live import MASK_GLYPH, LiveView, _printable, _width
+from veomni.inference.live import MASK_GLYPH, LiveView, _printable
 
 _GREEN, _RED, _YELLOW, _STRIKE, _RESET = "\x1b[32m", "\x1b[31m", "\x1b[33m", "\x1b[9m", "\x1b[0m"
 
@@ -76,20 +75,7 @@ class EditLiveView(LiveView):
     def _draw(self) -> None:
         step, texts = self._pending
         self._pending = None
-        cols, height = shutil.get_terminal_size((100, 30))
-        lines = [f"\x1b[2mstep {step}" + (f"/{self.total}" if self.total else "") + _RESET]
-        for b, text in enumerate(texts):
-            if len(texts) > 1:
-                lines.append(f"\x1b[2m[{b}]{_RESET}")
-            lines.extend(text.split("\n"))
-        used = [max(1, -(-_width(line) // cols)) for line in lines]
-        while len(lines) > 1 and sum(used) > height - 1:
-            lines.pop(1)
-            used.pop(1)
-        self._erase()
-        self.stream.write("\n".join(lines))
-        self.stream.flush()
-        self._drawn_rows = sum(used)
+        self._draw_frame(step, texts)
 
 
 def completion_text(tokenizer, row: Sequence[int], prompt_len: int, eos_ids: Sequence[int], stop_strings=()) -> str:

@@ -109,12 +109,16 @@ class LiveView:
     def _draw(self) -> None:
         step, rows = self._pending
         self._pending = None
+        self._draw_frame(step, [render_generated(self.tok, row, self.mask_id, self.eos, style_masks=True)
+                                for row in rows])
+
+    def _draw_frame(self, step: int, texts) -> None:
+        """Replace the previous frame with a step header and one rendered text per row."""
         cols, height = shutil.get_terminal_size((100, 30))
         header = f"step {step}" + (f"/{self.total}" if self.total else "")
         lines = [_DIM + header + _RESET]
-        for b, row in enumerate(rows):
-            text = render_generated(self.tok, row, self.mask_id, self.eos, style_masks=True)
-            if len(rows) > 1:
+        for b, text in enumerate(texts):
+            if len(texts) > 1:
                 lines.append(_DIM + f"[{b}]" + _RESET)
             lines.extend(text.split("\n"))
         # Terminal rows the frame occupies after wrapping; keep it within the screen, since the
