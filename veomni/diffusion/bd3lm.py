@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from veomni.diffusion.noise import Corruption, _check_batch, eligible_positions
-from veomni.diffusion.objective import NORMALIZATIONS, WEIGHTINGS, ScoredRows, _check_choice, _HeadObjective
+from veomni.diffusion.objective import NORMALIZATIONS, WEIGHTINGS, ScoredRows, _check_choice, _DiffusionWeighting
 from veomni.ops.chunked_ce import DEFAULT_CHUNK_SIZE
 
 __all__ = ["BD3LMObjective", "block_noise_levels"]
@@ -57,7 +57,7 @@ def block_noise_levels(batch: dict, block_size: int, eps: float, per_block: bool
     return eps + (1.0 - eps) * u.gather(1, slot)
 
 
-class BD3LMObjective(_HeadObjective):
+class BD3LMObjective(_DiffusionWeighting):
     """Same interface as MDMObjective (prepare, num_loss_tokens, model_inputs, scored_rows, loss_fn);
     the model inputs are the two-stream rows and the loss rows lie in the noisy half."""
 
@@ -111,14 +111,6 @@ class BD3LMObjective(_HeadObjective):
         return Corruption(noisy_ids=noisy, masked=masked, t=t, eligible=eligible, target_positions=target,
                           loss_positions=loss, targets=ids[target[:, 0], target[:, 1]],
                           n_masked=int(masked.sum()), n_maskable=int(eligible.sum()))
-
-    def num_loss_tokens(self, corr: Corruption) -> int:
-        return corr.n_masked if self.normalization == "masked" else corr.n_maskable
-
-    def _token_weights(self, corr: Corruption) -> torch.Tensor:
-        if self.weighting == "inv_t":
-            return 1.0 / corr.loss_t.float()
-        return torch.ones(corr.targets.numel(), dtype=torch.float32, device=corr.targets.device)
 
     # ---- the two-stream rows ------------------------------------------------------------------
     def model_inputs(self, batch: dict, corr: Corruption) -> dict:

@@ -165,7 +165,23 @@ class _HeadObjective:
         return fn
 
 
-class MDMObjective(_HeadObjective):
+class _DiffusionWeighting(_HeadObjective):
+    """The masked-diffusion rule for the scored tokens, shared by mdm and bd3lm: weight 1/t
+    (`weighting='inv_t'`, the ELBO) or 1, over the masked or the maskable tokens."""
+
+    weighting: str
+    normalization: str
+
+    def num_loss_tokens(self, corr: Corruption) -> int:
+        return corr.n_masked if self.normalization == "masked" else corr.n_maskable
+
+    def _token_weights(self, corr: Corruption) -> torch.Tensor:
+        if self.weighting == "inv_t":
+            return 1.0 / corr.loss_t.float()
+        return torch.ones(corr.targets.numel(), dtype=torch.float32, device=corr.targets.device)
+
+
+class MDMObjective(_DiffusionWeighting):
     """Masked-diffusion loss (the ELBO of a linear-schedule absorbing-state diffusion).
 
     weighting:     "inv_t" multiplies each masked token's CE by 1/t (the ELBO weight, as in
@@ -226,14 +242,6 @@ class MDMObjective(_HeadObjective):
             generator=generator,
             logit_shift=self.logit_shift,
         )
-
-    def num_loss_tokens(self, corr: Corruption) -> int:
-        return corr.n_masked if self.normalization == "masked" else corr.n_maskable
-
-    def _token_weights(self, corr: Corruption) -> torch.Tensor:
-        if self.weighting == "inv_t":
-            return 1.0 / corr.loss_t.float()
-        return torch.ones(corr.targets.numel(), dtype=torch.float32, device=corr.targets.device)
 
 
 class ARObjective(_HeadObjective):
