@@ -113,6 +113,20 @@ def _reused_seconds(marker: Path, what: str, log):
     return None
 
 
+def _timed_run(cmd, log_path: Path, marker: Path, what: str, done: str, log) -> float:
+    """Run one step of the bench in a subprocess (output to log_path), record its wall time in
+    `marker` so that a rerun into the same --out reuses it, and return the seconds."""
+    t0 = time.perf_counter()
+    with open(log_path, "w") as f:
+        proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed, see {log_path}")
+    secs = time.perf_counter() - t0
+    log(f"  {done} {secs:.0f} s")
+    marker.write_text(json.dumps({"seconds": secs}))
+    return secs
+
+
 def train(name, overrides, corpus, out_dir, args, log):
     marker = out_dir / "train_seconds.json"
     if (out_dir / "hf").is_dir() and (secs := _reused_seconds(marker, name, log)) is not None:
@@ -125,16 +139,7 @@ def train(name, overrides, corpus, out_dir, args, log):
            "--train.save_steps=0", "--train.export_hf=true", "--train.progress_bar=false",
            f"--train.micro_batch_size={args.micro_batch}", f"--train.global_batch_size={args.micro_batch}",
            f"--train.seed={args.seed}", f"--train.warmup_steps={min(3, args.steps // 4)}", *overrides]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    t0 = time.perf_counter()
-    with open(out_dir.parent / f"{name}.log", "w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name}: training failed, see {out_dir.parent / f'{name}.log'}")
-    secs = time.perf_counter() - t0
-    log(f"  {name}: trained in {secs:.0f} s")
-    marker.write_text(json.dumps({"seconds": secs}))
-    return secs
+    return _timed_run(cmd, out_dir.parent / f"{name}.log", marker, f"{name}: training", f"{name}: trained in", log)
 
 
 def precompute_trajectories(teacher: Path, corpus, out: Path, args, log) -> float:
@@ -145,15 +150,7 @@ def precompute_trajectories(teacher: Path, corpus, out: Path, args, log) -> floa
            "--data", str(corpus["train"]), str(corpus["heldout"]), "--out", str(out),
            "--tokenizer", str(args.model_path), f"--max_seq_len={args.max_seq_len}", "--block_length=32",
            "--batch_size=16"]
-    t0 = time.perf_counter()
-    with open(out.parent / "trajectories.log", "w") as f:
-        proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"precompute_trajectories failed, see {out.parent / 'trajectories.log'}")
-    secs = time.perf_counter() - t0
-    log(f"  trajectories: {secs:.0f} s")
-    marker.write_text(json.dumps({"seconds": secs}))
-    return secs
+    return _timed_run(cmd, out.parent / "trajectories.log", marker, "precompute_trajectories", "trajectories:", log)
 
 
 # ---------------------------------------------------------------------------- evaluation
