@@ -30,6 +30,17 @@ from veomni.ops.swiglu import gated_act
 from veomni.ops.linear_ce import use_linear_ce
 
 
+def count_parameters(model: nn.Module, skip: Optional[str] = None) -> int:
+    """Parameters of `model`, each tied tensor once; `skip`: leave out those whose name contains it."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or (skip is not None and skip in name):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
 @dataclass
 class CausalLMOutput:
     logits: Optional[torch.Tensor] = None
@@ -473,13 +484,7 @@ class DecoderForCausalLM(nn.Module):
                               router_stats=stats)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        seen, total = set(), 0
-        for name, p in self.named_parameters():
-            if id(p) in seen or (exclude_embeddings and "embed_tokens" in name):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+        return count_parameters(self, "embed_tokens" if exclude_embeddings else None)
 
     # ---- checkpoint IO (implemented in veomni/models/hf_io.py) ------------------------------
     @classmethod

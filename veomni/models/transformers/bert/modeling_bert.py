@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import BertConfig
 
-from veomni.models.transformers.dense_decoder import CausalLMOutput
+from veomni.models.transformers.dense_decoder import CausalLMOutput, count_parameters
 from veomni.ops.attention import AttnMeta, attention, check_attention
 from veomni.ops.linear_ce import use_linear_ce
 
@@ -344,13 +344,7 @@ class BertForMaskedLM(nn.Module):
         return MaskedLMOutput(logits=head(h), hidden_states=hidden)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        seen, total = set(), 0
-        for name, p in self.named_parameters():
-            if id(p) in seen or (exclude_embeddings and "embeddings" in name):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+        return count_parameters(self, "embeddings" if exclude_embeddings else None)
 
     # ---- checkpoint IO (veomni/models/hf_io.py) ---------------------------------------------
     @classmethod
