@@ -14,10 +14,12 @@ corrupted batch (our noise, one seed) and run forward + backward + AdamW (fp32 w
         logits [B, S, V], the same loss written the obvious way (shift, gather masked, CE / t).
   ours_compile (--compile)  ours with each decoder layer torch.compile'd, as train.compile=true
         does (veomni/models/compile.py); compilation happens in the untimed warm-up step.
-Each variant runs in its own process (peak memory = VmHWM over the step on CPU, Linux;
+On CPU the variants are loaded together and take turns, step by step (--sequential: one after the
+other), so a shared machine whose speed drifts slows them alike; the tok/s ratio is the median of
+the per-round ratios. Each variant runs in its own process (peak memory = VmHWM over the steps on CPU, Linux;
 max_memory_allocated on CUDA). MFU uses the same useful model FLOPs for both (veomni.models.flops,
-head at loss positions) over the device peak: this CPU's matmul peak measured once in the parent
-(which computes MFU for both from their step times),
+head at loss positions) over the device peak: this CPU's matmul peak measured in the parent (before
+each round when interleaved: the median over rounds of FLOPs / step time / that round's peak),
 or the exact dense table entry of the GPU. Then the loss alone (head + CE,
 SmolLM2 vocabulary, 8 x 2048 tokens) through scripts/bench_loss_memory.py.
 """
@@ -117,29 +119,89 @@ def run_child(args) -> None:
             loss = (ce / corr.t[m]).sum() / denom
         return loss
 
-    losses = [step()]  # warm-up (allocator, thread pool, kernels); not timed
+    losses = [step()]  # warm-up (allocator, thread pool, kernels, compilation); not timed
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         baseline = reset_peak()
-    times = []
-    for _ in range(args.steps):
+
+    def timed_step():
         t0 = time.perf_counter()
         losses.append(step())
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    times = []
+    if args.lockstep:
+        # The parent says when to step (one line "step" on stdin), so the variants take turns and a
+        # machine whose speed drifts during the run (a shared VM) slows each of them alike.
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            times.append(timed_step())
+            print(json.dumps({"step_s": times[-1]}), flush=True)
+    else:
+        times = [timed_step() for _ in range(args.steps)]
     peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_since_mib(baseline)
     print(json.dumps({"variant": args.child, "step_s": statistics.median(times), "peak_mib": peak_mib,
                       "first_loss": losses[0], "head_tokens": int(corr.targets.numel()), "denom": denom}))
 
 
+def _child_cmd(args, variant, lockstep=False):
+    return [sys.executable, os.path.abspath(__file__), f"--child={variant}", f"--model_path={args.model_path}",
+            f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}",
+            f"--device={args.device}", f"--precision={args.precision}"] + (["--lockstep"] if lockstep else [])
+
+
 def _child(args, variant):
-    cmd = [sys.executable, os.path.abspath(__file__), f"--child={variant}", f"--model_path={args.model_path}",
-           f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}",
-           f"--device={args.device}", f"--precision={args.precision}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(_child_cmd(args, variant), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _interleaved(args, variants, measure_peak):
+    """All variants loaded at once, each in its own process, stepping in turns (round r: every
+    variant's r-th timed step, one after the other; the order rotates each round). Returns the
+    children's results plus `ratio_vs_hf`: the median over rounds of hf's step time / the variant's
+    in the same round, which cancels a drift of the machine's speed between rounds, and `peaks`:
+    the matmul peak measured before each round (MFU is taken against the round's own peak)."""
+    procs = {}
+    try:
+        for v in variants:  # one at a time: loading and warm-up (compilation) are not timed
+            procs[v] = subprocess.Popen(_child_cmd(args, v, lockstep=True), stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _expect(procs[v], v, "ready")
+        times = {v: [] for v in variants}
+        peaks = []
+        for r in range(args.steps):
+            peaks.append(measure_peak())
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
+            for v in order:
+                procs[v].stdin.write("step\n")
+                procs[v].stdin.flush()
+                times[v].append(_expect(procs[v], v, "step_s"))
+        res = {}
+        for v in variants:
+            procs[v].stdin.write("done\n")
+            procs[v].stdin.close()
+            res[v] = json.loads(procs[v].stdout.read().strip().splitlines()[-1])
+            procs[v].wait()
+            res[v]["step_s"] = statistics.median(times[v])
+            res[v]["ratio_vs_hf"] = statistics.median(h / t for h, t in zip(times["hf"], times[v]))
+            res[v]["times"] = times[v]
+        return res, peaks
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+
+
+def _expect(proc, variant, key):
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"{variant} failed:\n{proc.stderr.read()[-4000:]}")
+    return json.loads(line)[key]
 
 
 def main() -> None:
@@ -153,7 +215,11 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16 = autocast with fp32 master weights (fp32 on CPU: no bf16 hardware here)")
     p.add_argument("--compile", action="store_true", help="add the ours_compile row (train.compile=true)")
+    p.add_argument("--sequential", action="store_true",
+                   help="time the variants one after the other (default on CUDA, where three models at "
+                        "once may not fit) instead of in turns, step by step (default on CPU)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.model_path is None:
         from veomni.models.smollm2 import prepare_smollm2
@@ -181,7 +247,16 @@ def main() -> None:
         peak = measure_matmul_peak(torch.float32, size=1024, repeats=10)
         where = f"{torch.get_num_threads()} CPU threads, fp32 matmul peak measured here {peak / 1e9:.1f} GFLOP/s"
     variants = ("hf", "ours", "ours_compile") if args.compile else ("hf", "ours")
-    res = {v: _child(args, v) for v in variants}
+    interleave = not (args.sequential or args.device.startswith("cuda"))
+    if interleave:
+        res, peaks = _interleaved(args, list(variants),
+                                  lambda: measure_matmul_peak(torch.float32, size=1024, repeats=10))
+        where = (f"{torch.get_num_threads()} CPU threads, fp32 matmul peak measured before each round "
+                 f"{min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f} GFLOP/s")
+    else:
+        res = {v: _child(args, v) for v in variants}
+        for v in variants:
+            res[v]["ratio_vs_hf"] = res["hf"]["step_s"] / res[v]["step_s"]
     tol = 1e-3 if args.precision == "fp32" else 3e-2
     assert abs(res["hf"]["first_loss"] - res["ours"]["first_loss"]) < tol * abs(res["hf"]["first_loss"]), \
         f"the two variants disagree on the loss: {res}"
@@ -192,21 +267,27 @@ def main() -> None:
     print(f"MDM training step (fwd+bwd+AdamW), SmolLM2-135M, {args.precision}, batch {args.batch} x "
           f"{args.seq} = {tokens} tokens; {where}; MFU = useful model FLOPs "
           f"({flops / 1e12:.3f} TFLOP/step) / time / peak")
+    print(f"Timing: {args.steps} steps per variant after one untimed warm-up, "
+          + ("in turns (one step of each variant per round); speed-up = median over rounds of hf / variant"
+             if interleave else "one variant after the other; speed-up = median hf / median variant")
+          + "; step s = median.")
     print("| variant | step s | tok/s | MFU | peak MiB | loss (step 0) |")
     print("|---|---:|---:|---:|---:|---:|")
     for v in variants:
         r = res[v]
-        print(f"| {v} | {r['step_s']:.2f} | {tokens / r['step_s']:.0f} | {flops / r['step_s'] / peak:.1%} | "
+        mfu = (statistics.median(flops / t / p for t, p in zip(r["times"], peaks)) if interleave
+               else flops / r["step_s"] / peak)
+        print(f"| {v} | {r['step_s']:.2f} | {tokens / r['step_s']:.0f} | {mfu:.1%} | "
               f"{r['peak_mib']:.0f} | {r['first_loss']:.4f} |")
     print(f"| ours / hf | {res['ours']['step_s'] / res['hf']['step_s']:.2f}x | "
-          f"{res['hf']['step_s'] / res['ours']['step_s']:.2f}x | | "
+          f"{res['ours']['ratio_vs_hf']:.2f}x | | "
           f"{res['ours']['peak_mib'] / res['hf']['peak_mib']:.2f}x | |")
     if args.compile:
         c = res["ours_compile"]
         assert abs(c["first_loss"] - res["ours"]["first_loss"]) < tol * abs(res["ours"]["first_loss"]), \
             f"compiled and eager disagree on the loss: {res}"
         print(f"| ours_compile / hf | {c['step_s'] / res['hf']['step_s']:.2f}x | "
-              f"{res['hf']['step_s'] / c['step_s']:.2f}x | | {c['peak_mib'] / res['hf']['peak_mib']:.2f}x | |")
+              f"{c['ratio_vs_hf']:.2f}x | | {c['peak_mib'] / res['hf']['peak_mib']:.2f}x | |")
     if not args.skip_loss and not args.device.startswith("cuda"):
         print()
         sys.stdout.flush()

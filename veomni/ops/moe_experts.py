@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from veomni.ops.swiglu import gated_act
+
 EXPERT_IMPLS = ("loop", "grouped")
 
 
@@ -98,14 +100,16 @@ def grouped_mm(x: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.
             "--model.ops.moe_experts=loop.") from exc
 
 
-def _swiglu(h: torch.Tensor, act: Callable) -> torch.Tensor:
+def _swiglu(h: torch.Tensor, act: Callable, act_impl: str = "eager") -> torch.Tensor:
+    # act_impl is model.ops.swiglu: the halves are strided views, which the fused kernels read in place.
     gate, up = h.chunk(2, dim=-1)
-    return act(gate) * up
+    return gated_act(gate, up, act, act_impl)
 
 
 def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-               act: Callable, impl: str) -> torch.Tensor:
-    """SwiGLU of every expert over its contiguous rows of `x_sorted` ([N, H] -> [N, H])."""
+               act: Callable, impl: str, act_impl: str = "eager") -> torch.Tensor:
+    """SwiGLU of every expert over its contiguous rows of `x_sorted` ([N, H] -> [N, H]).
+    impl: model.ops.moe_experts ('grouped' | 'loop'); act_impl: model.ops.swiglu."""
     if x_sorted.shape[0] == 0:
         # An expert-parallel rank can receive no token. Still connect the input and the weights to
         # the output, so backward gives them (zero) gradients and every rank joins the same
@@ -113,11 +117,11 @@ def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tens
         return x_sorted * 0.0 + 0.0 * (gate_up.sum() + down.sum())
     if impl == "grouped":
         h = grouped_mm(x_sorted, gate_up.transpose(-2, -1), counts)
-        return grouped_mm(_swiglu(h, act), down.transpose(-2, -1), counts)
+        return grouped_mm(_swiglu(h, act, act_impl), down.transpose(-2, -1), counts)
     outs = []
     for e, rows in enumerate(x_sorted.split(counts.tolist())):
         if rows.shape[0]:
-            outs.append(F.linear(_swiglu(F.linear(rows, gate_up[e]), act), down[e]))
+            outs.append(F.linear(_swiglu(F.linear(rows, gate_up[e]), act, act_impl), down[e]))
     return torch.cat(outs)
 
 
@@ -132,22 +136,22 @@ def sort_by_expert(top_idx: torch.Tensor, num_experts: int):
     return order // top_idx.shape[1], order, counts
 
 
-def experts_loop(x, top_idx, top_w, gate_up, down, act) -> torch.Tensor:
+def experts_loop(x, top_idx, top_w, gate_up, down, act, act_impl: str = "eager") -> torch.Tensor:
     """The reference: transformers' per-expert loop (x [T, H], top_idx/top_w [T, k])."""
     out = torch.zeros_like(x)
     for e in range(gate_up.shape[0]):
         slot, tok = torch.where((top_idx == e).t())  # slot-major, as HF's expert_mask[e]
         if tok.numel() == 0:
             continue
-        y = F.linear(_swiglu(F.linear(x[tok], gate_up[e]), act), down[e]) * top_w[tok, slot, None]
+        y = F.linear(_swiglu(F.linear(x[tok], gate_up[e]), act, act_impl), down[e]) * top_w[tok, slot, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
 
 
-def experts_grouped(x, top_idx, top_w, gate_up, down, act) -> torch.Tensor:
+def experts_grouped(x, top_idx, top_w, gate_up, down, act, act_impl: str = "eager") -> torch.Tensor:
     """Sort once, two grouped matmuls, weighted scatter back (x [T, H], top_idx/top_w [T, k])."""
     tok, order, counts = sort_by_expert(top_idx, gate_up.shape[0])
-    y = expert_ffn(x[tok], counts, gate_up, down, act, "grouped")
+    y = expert_ffn(x[tok], counts, gate_up, down, act, "grouped", act_impl)
     y = y * top_w.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, tok, y.to(x.dtype))
 

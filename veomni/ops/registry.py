@@ -105,10 +105,11 @@ def _require_kernel_choice(op: str, choice: str) -> None:
 
 def _install_rms_norm(model, choice: str) -> int:
     from veomni.models.transformers.dense_decoder import RMSNorm
+    from veomni.models.transformers.gated_deltanet import GatedRMSNorm
     from veomni.models.transformers.qwen3_5.modeling_qwen3_5 import ZeroCenteredRMSNorm
 
-    # Only these two: GDN's GatedRMSNorm (norm * silu(gate)) has no fused choice yet.
-    norms = [m for m in model.modules() if isinstance(m, (RMSNorm, ZeroCenteredRMSNorm))]
+    # GDN's GatedRMSNorm (norm * silu(gate)) runs the choice's RMSNorm then its SwiGLU kernel.
+    norms = [m for m in model.modules() if isinstance(m, (RMSNorm, ZeroCenteredRMSNorm, GatedRMSNorm))]
     if norms:
         _require_kernel_choice("rms_norm", choice)
     for m in norms:
@@ -136,20 +137,27 @@ def _install_rope(model, choice: str) -> int:
 
 
 def _install_swiglu(model, choice: str) -> int:
-    from veomni.models.transformers.dense_decoder import MLP
+    import torch.nn.functional as F
 
-    # The dense MLPs (and Qwen2-MoE / Qwen3.5-MoE shared experts, which are MLPs). The routed
-    # experts' SwiGLU runs inside veomni/ops/moe_experts.py, under model.ops.moe_experts.
+    from veomni.models.transformers.dense_decoder import MLP
+    from veomni.models.transformers.moe import Experts
+
+    # The dense MLPs (and Qwen2-MoE / Qwen3.5-MoE shared experts, which are MLPs), and the routed
+    # experts, whose SwiGLU sits between the two grouped matmuls of veomni/ops/moe_experts.py.
     mlps = [m for m in model.modules() if isinstance(m, MLP)]
-    if mlps and choice != "eager":
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    if (mlps or experts) and choice != "eager":
         other = sorted({m.hidden_act for m in mlps if m.hidden_act != "silu"})
-        if other:
+        if other or any(m.act is not F.silu for m in experts):
+            act = repr(other[0]) if other else "not silu (routed experts)"
             raise ValueError(f"model.ops.swiglu={choice} fuses silu(gate) * up, and this model's MLP activation "
-                             f"is hidden_act={other[0]!r}; use model.ops.swiglu=eager")
+                             f"is hidden_act={act}; use model.ops.swiglu=eager")
         _require_kernel_choice("swiglu", choice)
     for m in mlps:
         m.impl = choice
-    return len(mlps)
+    for m in experts:
+        m.act_impl = choice
+    return len(mlps) + len(experts)
 
 
 _KERNEL_ABOUT = {

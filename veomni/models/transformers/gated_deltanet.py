@@ -45,10 +45,18 @@ import torch.nn.functional as F
 
 from veomni.ops.gdn import (causal_conv1d, check_gdn_impl, chunk_gated_delta_rule, reverse_segments,
                             segment_cu_seqlens)
+from veomni.ops.rms_norm import rms_norm
+from veomni.ops.swiglu import swiglu
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm over the head dim, then times SiLU(gate) in fp32 (HF's Qwen3_5RMSNormGated)."""
+    """RMSNorm over the head dim, then times SiLU(gate) in fp32 (HF's Qwen3_5RMSNormGated).
+
+    `impl` is model.ops.rms_norm (set by veomni/ops/registry.py): a fused choice runs its RMSNorm
+    kernel and then its SwiGLU kernel with the gate as `gate` and the normed heads as `up`
+    (silu(gate) * h is exactly that product), so no fp32 copy of the heads is materialised."""
+
+    impl: str = "eager"
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -56,6 +64,8 @@ class GatedRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if self.impl != "eager":
+            return swiglu(gate, rms_norm(x, self.weight, self.variance_epsilon, self.impl), self.impl)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)

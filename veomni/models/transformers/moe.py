@@ -105,9 +105,11 @@ def local_tensor(p: torch.Tensor) -> torch.Tensor:
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts in fused tensors. `impl` is the op switch; `dispatcher` is set by EP."""
+    """E SwiGLU experts in fused tensors. `impl` is model.ops.moe_experts, `act_impl` model.ops.swiglu
+    (both set by veomni/ops/registry.py); `dispatcher` is set by EP."""
 
     impl: str = "grouped"
+    act_impl: str = "eager"
 
     def __init__(self, config, act):
         super().__init__()
@@ -125,13 +127,13 @@ class Experts(nn.Module):
         gate_up, down = local_tensor(self.gate_up_proj), local_tensor(self.down_proj)
         if grad_scale != 1.0:
             gate_up, down = scale_grad(gate_up, grad_scale), scale_grad(down, grad_scale)
-        return expert_ffn(x_sorted, counts, gate_up, down, self.act, check_experts_impl(self.impl))
+        return expert_ffn(x_sorted, counts, gate_up, down, self.act, check_experts_impl(self.impl), self.act_impl)
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         if self.dispatcher is not None:
             return self.dispatcher(self, x, top_idx, top_w)
         return EXPERT_FORWARD[check_experts_impl(self.impl)](x, top_idx, top_w, self.gate_up_proj,
-                                                             self.down_proj, self.act)
+                                                             self.down_proj, self.act, self.act_impl)
 
 
 class SparseMoeBlock(nn.Module):
