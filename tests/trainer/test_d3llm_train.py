@@ -141,5 +141,9 @@ def test_d3llm_config_errors():
     with pytest.raises(ConfigError, match="no epochs"):
         parse_args(argv=[*base, "--data.trajectory_path=x", "--data.streaming=true", "--train.max_steps=3",
                          "--train.d3llm.block_sizes=[16,32]"])
+    with pytest.raises(ConfigError, match="record a decoding order for the response tokens only"):
+        parse_args(argv=[*base, "--data.trajectory_path=x", "--data.packing=false", "--data.pad_response_with_eos=true"])
     args = parse_args(argv=[*base, "--train.d3llm.random_mask=true"])
     assert args.train.d3llm.random_mask and args.train.d3llm.block_sizes == [32]
+    assert parse_args(argv=[*base, "--train.d3llm.random_mask=true", "--data.packing=false",
+                            "--data.pad_response_with_eos=true"])

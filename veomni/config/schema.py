@@ -620,6 +620,10 @@ class Arguments:
                "or train.d3llm.random_mask=true for the random-mask baseline")
         _check(not (data.trajectory_path and self.train.d3llm.random_mask),
                "train.d3llm.random_mask=true masks at random and reads no data.trajectory_path; drop one of them")
+        _check(not (data.trajectory_path and data.pad_response_with_eos),
+               "data.pad_response_with_eos=true adds an EOS tail to every response, and the trajectories in "
+               "data.trajectory_path record a decoding order for the response tokens only; drop "
+               "pad_response_with_eos (or use train.d3llm.random_mask=true, which masks the tail at random)")
         _check(not (data.streaming and len(self.train.d3llm.block_sizes) > 1),
                f"train.d3llm.block_sizes={self.train.d3llm.block_sizes} changes per epoch, but data.streaming has "
                "no epochs: give one block size")
