@@ -193,13 +193,15 @@ def test_mfu_peak_follows_the_weights_dtype(tiny_model_dir, tiny_corpus, tmp_pat
 
 
 def test_frozen_parameters_are_not_counted_at_6n(tiny_model_dir, tiny_corpus, tmp_path):
+    from veomni.trainer.metrics import step_flops
+
     full = _trainer(tiny_model_dir, tiny_corpus, tmp_path / "full")
     batch = next(iter(full.loader))
     corr = full.objective.prepare(batch, torch.Generator().manual_seed(0))
-    f_full = full._step_flops([batch], [corr])
+    f_full = step_flops(full._config, full.objective, [batch], [corr], full._trainability)
     frozen = _trainer(tiny_model_dir, tiny_corpus, tmp_path / "frozen", r"--train.freeze=[embed_tokens, layers\.0\.]")
-    f_frozen = frozen._step_flops([batch], [corr])
     t = frozen._trainability
+    f_frozen = step_flops(frozen._config, frozen.objective, [batch], [corr], t)
     assert t.layer_input_grad == (False, True) and t.head_trainable is False  # tied head = frozen embedding
     assert 0 < f_frozen < f_full
 

@@ -131,3 +131,26 @@ def memory_stats(device: torch.device) -> dict:
     except OSError:
         pass
     return {}
+
+
+def passes(objective, mb: dict, corr) -> int:
+    """How many times the model computes each data token of a micro-batch: bd3lm's [x_t ; x_0]
+    streams, times the complementary copies on the batch axis (bd3lm, d3llm)."""
+    return getattr(objective, "streams", 1) * (corr.masked.shape[0] // mb["input_ids"].shape[0])
+
+
+def step_flops(config, objective, micro, corrs, trainable) -> float:
+    """Model FLOPs of one optimizer step over its micro-batches (the family's flops_fn, per document
+    length, LM head at the loss positions only; `trainable` as the family's flops_fn takes it)."""
+    from veomni.models.registry import get_spec
+
+    fn = get_spec(config.model_type).flops_fn
+    total = 0.0
+    for mb, corr in zip(micro, corrs):
+        # EditFlow runs the model on x_t, not on the data rows: its corr carries the rows it computed.
+        seg = getattr(corr, "segment_ids", mb["segment_ids"]).cpu()  # one sync, then host-side counting
+        lens = [int(n) for row in seg for n in torch.bincount(row[row > 0]) if n > 0]
+        lens = lens * passes(objective, mb, corr)
+        total += fn(config, lens, head_tokens=int(corr.targets.numel()), attn_mode=objective.attn_mode,
+                    block_size=objective.block_size, trainable=trainable)
+    return total

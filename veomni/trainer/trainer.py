@@ -35,7 +35,7 @@ import torch
 
 from veomni.arguments import Arguments, save_yaml, to_dict
 from veomni.trainer.loggers import RunLogger, eval_summary, plot_loss_curve, setup_console_logging
-from veomni.trainer.metrics import Throughput, device_peak_flops, matmul_dtype, memory_stats
+from veomni.trainer.metrics import Throughput, device_peak_flops, matmul_dtype, memory_stats, passes, step_flops
 from veomni.trainer.schedule import build_scheduler
 
 logger = logging.getLogger("veomni")
@@ -297,11 +297,6 @@ class Trainer:
         # liger + 1/t weights needs a liger-kernel with per-row gradients: say so now, not at step 1.
         check_linear_ce_objective(m.ops["linear_ce"], getattr(self.objective, "weighting", "none"))
 
-    def _passes(self, mb: dict, corr) -> int:
-        """How many times the model computes each data token of a micro-batch: bd3lm's [x_t ; x_0]
-        streams, times the complementary copies on the batch axis (bd3lm, d3llm)."""
-        return getattr(self.objective, "streams", 1) * (corr.masked.shape[0] // mb["input_ids"].shape[0])
-
     def _set_progress(self, step: int) -> None:
         """Objectives with a curriculum (d3llm) take the training progress from the step number, so a
         resumed run continues it exactly; evaluation passes total_steps (the final, fixed state)."""
@@ -417,7 +412,7 @@ class Trainer:
         moe = self.moe
         if moe is not None:  # the router losses are means over all valid tokens (of every copy of a row)
             # The router sees every computed copy of a token (bd3lm's two streams, complementary rows).
-            moe.start_step(global_tokens * self._passes(micro[0], corrs[0]))
+            moe.start_step(global_tokens * passes(self.objective, micro[0], corrs[0]))
 
         self.model.train()
         loss_sum = torch.zeros((), device=self.ps.device)
@@ -466,25 +461,10 @@ class Trainer:
 
         self.tokens_seen += int(global_tokens)
         # This rank's share of the work: the sp ranks of a group split every micro-batch.
-        flops = self._step_flops(micro, corrs) / self.ps.sp_size
+        flops = step_flops(self._config, self.objective, micro, corrs, self._trainability) / self.ps.sp_size
         tokens = tokens / self.ps.sp_size
         return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "flops": flops,
                 "skipped": int(skipped), "extra": extra}
-
-    def _step_flops(self, micro, corrs) -> float:
-        from veomni.models.registry import get_spec
-
-        cfg = self._config
-        fn = get_spec(cfg.model_type).flops_fn
-        total = 0.0
-        for mb, corr in zip(micro, corrs):
-            # EditFlow runs the model on x_t, not on the data rows: its corr carries the rows it computed.
-            seg = getattr(corr, "segment_ids", mb["segment_ids"]).cpu()  # one sync, then host-side counting
-            lens = [int(n) for row in seg for n in torch.bincount(row[row > 0]) if n > 0]
-            lens = lens * self._passes(mb, corr)
-            total += fn(cfg, lens, head_tokens=int(corr.targets.numel()), attn_mode=self.objective.attn_mode,
-                        block_size=self.objective.block_size, trainable=self._trainability)
-        return total
 
     @property
     def _config(self):
