@@ -2,6 +2,8 @@
 template, EOS = [SEP]) trained 2 steps of masked SFT. The prompt never carries loss; the EOS canvas
 is scored with data.pad_response_with_eos and is padding without it; logit_shift is refused."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,36 @@ def test_eos_canvas_config_errors():
         parse_args(argv=[CONFIG, "--data.packing=true"])
     with pytest.raises(ConfigError, match="pad_response_with_eos"):
         parse_args(argv=[CONFIG, "--data.data_type=pretrain"])
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_bert_chat_two_ranks_equal_one(tiny_bert_dir, tmp_path, mode):
+    """The encoder under 2 data-parallel ranks == 1 process with 2 accumulation steps (same rows, same
+    noise keyed by the global micro-batch index, the EOS canvas scored on both): losses, grad norms,
+    token counts of 3 steps, and the exported weights."""
+    from safetensors.torch import load_file
+
+    from tests.trainer.test_train_e2e import TRAIN, _env
+
+    def run(out, nproc, *extra):
+        argv = _argv(tiny_bert_dir, out, "--train.micro_batch_size=2", "--train.max_steps=3",
+                     "--train.export_hf=true", *extra)
+        launch = ([sys.executable] if nproc == 1 else
+                  [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+                   "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0"])
+        proc = subprocess.run([*launch, TRAIN, *argv], env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        return rows, load_file(str(next((Path(out) / "hf").glob("*.safetensors"))))
+
+    one, w_one = run(tmp_path / "one", 1, "--train.data_parallel=none")
+    two, w_two = run(tmp_path / "two", 2, f"--train.data_parallel={mode}")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, abs(a["loss"])), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, a["grad_norm"]), (a, b)
+        assert a["tokens_seen"] == b["tokens_seen"]
+    assert w_one.keys() == w_two.keys()
+    for name in w_one:
+        torch.testing.assert_close(w_two[name], w_one[name], atol=5e-5, rtol=1e-4, msg=name)
