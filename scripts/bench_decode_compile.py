@@ -4,7 +4,8 @@
     python scripts/bench_decode_compile.py --device cuda --dtype bfloat16 --batch_sizes 1,8
 
 The three forwards a sampler makes, each timed as ms per forward (median of --repeats after
---warmup calls, which include compilation):
+--warmup calls, which include compilation; the eager and compiled calls alternate, so a drift of
+the machine's speed during the run slows both alike):
   full   no cache: the whole canvas [B, prompt + new] (MDM samplers without a cache, every step);
   block  dual cache: one decode block of --block_length queries against the cached row;
   e2e    a whole generation (alg threshold 0.9, dual cache, block --block_length): ms per forward =
@@ -33,21 +34,26 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def _timed(fn, dev, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _timed_in_turns(fns: dict, dev, warmup: int, repeats: int) -> dict:
+    """ms per call (median) of each of `fns`, the calls alternating (a, b, a, b, ...) so that a
+    machine whose speed drifts during the run (a shared CPU) slows each of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        _sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for name, fn in fns.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def forwards(model, bsz: int, prompt: int, new: int, block: int, warmup: int, repeats: int) -> dict:
-    """ms per forward: the full canvas, and one block against a filled dual cache."""
+def forward_calls(model, bsz: int, prompt: int, new: int, block: int) -> dict:
+    """The two forwards a sampler makes, as closures over this model's own inputs and cache: the full
+    canvas, and one block against a filled dual cache (call `refresh` once before timing `block`)."""
     from veomni.diffusion.sampling.cache import WindowedKVCache
 
     dev, cfg = model.device, model.config
@@ -76,11 +82,25 @@ def forwards(model, bsz: int, prompt: int, new: int, block: int, warmup: int, re
               attention_mask=valid, cache_position=torch.arange(q0 - 1, q0 + block - 1, device=dev),
               logits_to_keep=torch.arange(block, device=dev), **kw)
 
+    return {"full": full, "refresh": refresh, "block": step}
+
+
+def forwards(models: dict, bsz: int, prompt: int, new: int, block: int, warmup: int, repeats: int) -> dict:
+    """{kind: {model name: ms per forward}} for kind in (full, block), the models taking turns."""
+    calls = {name: forward_calls(m, bsz, prompt, new, block) for name, m in models.items()}
+    out = {}
     with torch.no_grad():
-        out = {"full": _timed(full, dev, warmup, repeats)}
-        refresh()
-        out["block"] = _timed(step, dev, warmup, repeats)
+        out["full"] = _timed_in_turns({n: c["full"] for n, c in calls.items()}, dev=_device(models), warmup=warmup,
+                                      repeats=repeats)
+        for c in calls.values():
+            c["refresh"]()
+        out["block"] = _timed_in_turns({n: c["block"] for n, c in calls.items()}, dev=_device(models),
+                                       warmup=warmup, repeats=repeats)
     return out
+
+
+def _device(models: dict):
+    return next(iter(models.values())).device
 
 
 def e2e(model, bsz: int, prompt: int, new: int, block: int):
@@ -133,10 +153,10 @@ def main() -> None:
     print("| batch | forward | eager ms | compiled ms | speed-up | same tokens |")
     print("|---:|---|---:|---:|---:|---|")
     for bsz in (int(b) for b in args.batch_sizes.split(",")):
-        res = {name: forwards(m, bsz, args.prompt, args.new_tokens, args.block_length, args.warmup, args.repeats)
-               for name, m in (("eager", eager), ("compiled", compiled))}
+        res = forwards({"eager": eager, "compiled": compiled}, bsz, args.prompt, args.new_tokens, args.block_length,
+                       args.warmup, args.repeats)
         for kind in ("full", "block"):
-            e, c = res["eager"][kind], res["compiled"][kind]
+            e, c = res[kind]["eager"], res[kind]["compiled"]
             print(f"| {bsz} | {kind} | {e:.1f} | {c:.1f} | {e / c:.2f}x | |")
         if not args.no_e2e:
             e2e(compiled, bsz, args.prompt, args.new_tokens, args.block_length)  # compile every shape first

@@ -42,3 +42,22 @@ def test_compiled_decoding_gives_the_same_tokens(case):
         # call's cache may outlive it until the garbage collector runs, dynamo's compile keeps it).
         assert 2 <= pooled[1] == pooled[2] <= 4, pooled
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+
+def test_compiled_decoding_raises_the_recompile_limit(monkeypatch):
+    """A decoding session that mixes batch 1 and 4, with and without a cache, needs ~9 graphs of the
+    forward (seen in scripts/bench_decode_compile.py --batch_sizes 1,4); past dynamo's default limit
+    of 8 it would decode eagerly with only a log warning. compile_for_decoding raises the limit and
+    never lowers one a user raised further. (Checked here as a setting: the mixed-shape session
+    itself costs ~2 min of compilation on CPU.)"""
+    import torch._dynamo.config as dynamo_config
+
+    from veomni.inference.compiled import DECODE_RECOMPILE_LIMIT
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
+    compile_for_decoding(tiny_dllm())
+    assert dynamo_config.recompile_limit == DECODE_RECOMPILE_LIMIT >= 16
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 1000)
+    compile_for_decoding(tiny_dllm())
+    assert dynamo_config.recompile_limit == 1000

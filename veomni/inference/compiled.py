@@ -79,12 +79,22 @@ class _StoragePool:
                 getattr(cache, kind)[key[0]] = pooled
 
 
+# Graphs one decoding session may need: the forward's structural variants (no cache / a cache refresh
+# / one block; batch 1, which dynamo specialises, or more; a mask over the whole row or over the new
+# tokens), plus the static first graphs before dynamo marks sizes dynamic. A session that mixed
+# batch 1 and 4 with and without a cache needed 9; past dynamo's default limit of 8 it runs every
+# new variant eagerly with only a log warning, so compiled decoding quietly became eager decoding.
+DECODE_RECOMPILE_LIMIT = 64
+
+
 def compile_for_decoding(model: nn.Module, mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
     """Replace `model.forward` by a compiled one (idempotent); returns the model.
 
-    mode None: "reduce-overhead" on CUDA, inductor's default elsewhere."""
+    mode None: "reduce-overhead" on CUDA, inductor's default elsewhere. Raises dynamo's per-function
+    recompile limit to DECODE_RECOMPILE_LIMIT (a process-wide setting; never lowers it)."""
     if getattr(model, "_veomni_decode_compiled", False):
         return model
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_RECOMPILE_LIMIT)
     device = next(model.parameters()).device
     if mode is None:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
