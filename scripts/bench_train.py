@@ -5,7 +5,7 @@
     python scripts/bench_train.py --device cuda --precision bf16 --batch 8 --seq 2048 --steps 10
     python scripts/bench_train.py --compile                # adds the ours + train.compile row
 
-Both variants load the same SmolLM2-135M-Instruct weights (scripts/prepare_smollm2.py), get the same
+All variants load the same SmolLM2-135M-Instruct weights (scripts/prepare_smollm2.py), get the same
 corrupted batch (our noise, one seed) and run forward + backward + AdamW (fp32 weights; with
 --precision bf16 under bf16 autocast, fp32 master weights) on the chosen device:
   ours  veomni model, bidirectional sdpa, loss computed inside forward: LM head only at masked
@@ -14,6 +14,10 @@ corrupted batch (our noise, one seed) and run forward + backward + AdamW (fp32 w
         logits [B, S, V], the same loss written the obvious way (shift, gather masked, CE / t).
   ours_compile (--compile)  ours with each decoder layer torch.compile'd, as train.compile=true
         does (veomni/models/compile.py); compilation happens in the untimed warm-up step.
+  hf_liger, ours_kernels[_compile] (--kernels; CUDA)  HF with liger-kernel's RMSNorm / RoPE /
+        SwiGLU patched in (its fused linear CE replaces HF's causal loss, not this MDM loss, so it
+        stays off); ours with model.ops rms_norm, rope, swiglu and linear_ce = triton (+ compile).
+        A variant that fails is reported as such; hf and ours must run.
 On CPU the variants are loaded together and take turns, step by step (--sequential: one after the
 other), so a shared machine whose speed drifts slows them alike; the tok/s ratio is the median of
 the per-round ratios. Each variant runs in its own process (peak memory = VmHWM over the steps on CPU, Linux;
@@ -35,6 +39,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+KERNEL_OPS = ("rms_norm", "rope", "swiglu", "linear_ce")  # the ops --kernels switches to our Triton kernels
 
 
 def _batch(args, vocab, mask_id, device):
@@ -71,7 +77,21 @@ def _load(args, variant):
 
         model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32, attn_implementation="sdpa")
     mask_id = ensure_mask_token(model, tok)
-    if variant == "ours_compile":
+    if variant == "hf_liger":
+        # liger's RMSNorm, RoPE and SwiGLU patched into the HF modules, as users apply it. Its fused
+        # linear CE is left off: it replaces HF's own causal loss, not the MDM loss written here.
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        from veomni.ops.liger import _rms_norm_function
+
+        _rms_norm_function()  # under TRITON_INTERPRET=1 only: the interpreter shim of liger's RMSNorm
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+    if variant.startswith("ours_kernels"):
+        from veomni.ops.registry import apply_ops
+
+        apply_ops(model, {op: "triton" for op in KERNEL_OPS})
+    if variant.endswith("compile"):
         from veomni.models.compile import compile_decoder_layers
 
         compile_decoder_layers(model)
@@ -154,9 +174,14 @@ def _child_cmd(args, variant, lockstep=False):
 
 
 def _child(args, variant):
+    """The variant's result, or {"failed": reason} for an optional variant (a kernels or compile row
+    that cannot run must not cost the baseline rows of a GPU run); hf and ours must succeed."""
     proc = subprocess.run(_child_cmd(args, variant), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{proc.stderr[-4000:]}")
+        if variant in ("hf", "ours"):
+            raise SystemExit(f"{variant} failed:\n{proc.stderr[-4000:]}")
+        print(f"{variant} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return {"failed": _last_line(proc.stderr or f"exit {proc.returncode}")}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -165,24 +190,35 @@ def _interleaved(args, variants, measure_peak):
     variant's r-th timed step, one after the other; the order rotates each round). Returns the
     children's results plus `ratio_vs_hf`: the median over rounds of hf's step time / the variant's
     in the same round, which cancels a drift of the machine's speed between rounds, and `peaks`:
-    the matmul peak measured before each round (MFU is taken against the round's own peak)."""
-    procs = {}
+    the matmul peak measured before each round (MFU is taken against the round's own peak). An
+    optional variant that fails to start is reported as {"failed": reason}."""
+    import tempfile
+
+    procs, logs, res = {}, {}, {}
     try:
         for v in variants:  # one at a time: loading and warm-up (compilation) are not timed
+            # stderr to a file, not a pipe: a long-lived child that logs more than a pipe holds would block.
+            logs[v] = tempfile.TemporaryFile(mode="w+")
             procs[v] = subprocess.Popen(_child_cmd(args, v, lockstep=True), stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            _expect(procs[v], v, "ready")
-        times = {v: [] for v in variants}
+                                        stdout=subprocess.PIPE, stderr=logs[v], text=True)
+            try:
+                _expect(procs[v], v, "ready", logs[v])
+            except SystemExit as exc:
+                if v in ("hf", "ours"):
+                    raise
+                print(exc, file=sys.stderr)
+                res[v] = {"failed": _last_line(str(exc))}
+                procs.pop(v).wait()
+        live = [v for v in variants if v in procs]
+        times = {v: [] for v in live}
         peaks = []
         for r in range(args.steps):
             peaks.append(measure_peak())
-            order = variants[r % len(variants):] + variants[:r % len(variants)]
-            for v in order:
+            for v in live[r % len(live):] + live[:r % len(live)]:
                 procs[v].stdin.write("step\n")
                 procs[v].stdin.flush()
-                times[v].append(_expect(procs[v], v, "step_s"))
-        res = {}
-        for v in variants:
+                times[v].append(_expect(procs[v], v, "step_s", logs[v]))
+        for v in live:
             procs[v].stdin.write("done\n")
             procs[v].stdin.close()
             res[v] = json.loads(procs[v].stdout.read().strip().splitlines()[-1])
@@ -195,12 +231,22 @@ def _interleaved(args, variants, measure_peak):
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
+        for f in logs.values():
+            f.close()
 
 
-def _expect(proc, variant, key):
+def _last_line(text: str) -> str:
+    """A failure's last line, one table cell long (exception reprs carry literal \\n)."""
+    last = (text.strip().splitlines() or ["failed"])[-1]
+    return last.split("\\n")[0].replace("|", "/")[:120]
+
+
+def _expect(proc, variant, key, log):
     line = proc.stdout.readline()
     if not line:
-        raise SystemExit(f"{variant} failed:\n{proc.stderr.read()[-4000:]}")
+        proc.wait()
+        log.seek(0)
+        raise SystemExit(f"{variant} failed:\n{log.read()[-4000:]}")
     return json.loads(line)[key]
 
 
@@ -215,6 +261,10 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16 = autocast with fp32 master weights (fp32 on CPU: no bf16 hardware here)")
     p.add_argument("--compile", action="store_true", help="add the ours_compile row (train.compile=true)")
+    p.add_argument("--kernels", action="store_true",
+                   help="add hf_liger (HF + liger-kernel's RMSNorm/RoPE/SwiGLU) and ours_kernels (model.ops "
+                        "rms_norm/rope/swiglu/linear_ce=triton; with --compile also ours_kernels_compile). "
+                        "Needs a CUDA GPU (under TRITON_INTERPRET=1 on CPU it runs, but only as a smoke test)")
     p.add_argument("--sequential", action="store_true",
                    help="time the variants one after the other (default on CUDA, where three models at "
                         "once may not fit) instead of in turns, step by step (default on CPU)")
@@ -246,7 +296,12 @@ def main() -> None:
     else:
         peak = measure_matmul_peak(torch.float32, size=1024, repeats=10)
         where = f"{torch.get_num_threads()} CPU threads, fp32 matmul peak measured here {peak / 1e9:.1f} GFLOP/s"
-    variants = ("hf", "ours", "ours_compile") if args.compile else ("hf", "ours")
+    variants = ["hf", "ours"] + (["ours_compile"] if args.compile else [])
+    if args.kernels:
+        if not args.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--kernels runs Triton kernels: use --device cuda (on CPU they run only under "
+                             "TRITON_INTERPRET=1, as a smoke test whose timings mean nothing)")
+        variants += ["hf_liger", "ours_kernels"] + (["ours_kernels_compile"] if args.compile else [])
     interleave = not (args.sequential or args.device.startswith("cuda"))
     if interleave:
         res, peaks = _interleaved(args, list(variants),
@@ -256,10 +311,13 @@ def main() -> None:
     else:
         res = {v: _child(args, v) for v in variants}
         for v in variants:
-            res[v]["ratio_vs_hf"] = res["hf"]["step_s"] / res[v]["step_s"]
+            if "failed" not in res[v]:
+                res[v]["ratio_vs_hf"] = res["hf"]["step_s"] / res[v]["step_s"]
     tol = 1e-3 if args.precision == "fp32" else 3e-2
-    assert abs(res["hf"]["first_loss"] - res["ours"]["first_loss"]) < tol * abs(res["hf"]["first_loss"]), \
-        f"the two variants disagree on the loss: {res}"
+    for v in variants:  # every variant computes the same loss on the same batch
+        if "failed" not in res[v]:
+            assert abs(res["hf"]["first_loss"] - res[v]["first_loss"]) < tol * abs(res["hf"]["first_loss"]), \
+                f"{v} and hf disagree on the loss: {res}"
     cfg = AutoConfig.from_pretrained(args.model_path)
     tokens = args.batch * args.seq
     flops = dense_decoder_flops(cfg, [args.seq] * args.batch, head_tokens=res["ours"]["head_tokens"],
@@ -275,19 +333,18 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for v in variants:
         r = res[v]
+        if "failed" in r:
+            print(f"| {v} | failed: {r['failed']} | | | | |")
+            continue
         mfu = (statistics.median(flops / t / p for t, p in zip(r["times"], peaks)) if interleave
                else flops / r["step_s"] / peak)
         print(f"| {v} | {r['step_s']:.2f} | {tokens / r['step_s']:.0f} | {mfu:.1%} | "
               f"{r['peak_mib']:.0f} | {r['first_loss']:.4f} |")
-    print(f"| ours / hf | {res['ours']['step_s'] / res['hf']['step_s']:.2f}x | "
-          f"{res['ours']['ratio_vs_hf']:.2f}x | | "
-          f"{res['ours']['peak_mib'] / res['hf']['peak_mib']:.2f}x | |")
-    if args.compile:
-        c = res["ours_compile"]
-        assert abs(c["first_loss"] - res["ours"]["first_loss"]) < tol * abs(res["ours"]["first_loss"]), \
-            f"compiled and eager disagree on the loss: {res}"
-        print(f"| ours_compile / hf | {c['step_s'] / res['hf']['step_s']:.2f}x | "
-              f"{c['ratio_vs_hf']:.2f}x | | {c['peak_mib'] / res['hf']['peak_mib']:.2f}x | |")
+    for v in variants[1:]:
+        r = res[v]
+        if "failed" not in r:
+            print(f"| {v} / hf | {r['step_s'] / res['hf']['step_s']:.2f}x | {r['ratio_vs_hf']:.2f}x | | "
+                  f"{r['peak_mib'] / res['hf']['peak_mib']:.2f}x | |")
     if not args.skip_loss and not args.device.startswith("cuda"):
         print()
         sys.stdout.flush()

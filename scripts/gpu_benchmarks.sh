@@ -60,9 +60,10 @@ for SHAPE in "--vocab=49152 --hidden=576" "--vocab=151936 --hidden=896"; do
     $SHAPE --variants chunked,triton,liger | tee -a "$OUT/bench_loss_memory_gpu.md"
 done
 
-# 5. torch.compile (issue 13). Training at the Qwen2.5-0.5B shape (random weights, SmolLM2's
-#    tokenizer), bf16, seq 4096: HF eager vs ours vs ours + train.compile, tok/s and MFU in one table.
-#    (Rows with the Triton / liger op choices come from the kernels' own bench flags.)
+# 5. Kernels and torch.compile (issue 13). Training at the Qwen2.5-0.5B shape (random weights,
+#    SmolLM2's tokenizer), bf16, seq 4096, tok/s and MFU in one table: HF eager, HF + liger-kernel
+#    (RMSNorm/RoPE/SwiGLU), ours, ours + train.compile, ours with the Triton ops (rms_norm, rope,
+#    swiglu, linear_ce), and ours with the Triton ops + compile. A row that fails says why.
 QWEN_DIR="$OUT/qwen2_5_0_5b_random"
 python3 - "$MODEL" "$QWEN_DIR" <<'PY'
 import sys, torch
@@ -82,7 +83,7 @@ save_model(model, dst, tokenizer=tok)
 print("random-initialised Qwen2.5-0.5B shape", dst)
 PY
 python3 scripts/bench_train.py --model_path "$QWEN_DIR" --device cuda --precision bf16 \
-  --batch 4 --seq 4096 --steps 10 --compile | tee "$OUT/bench_train_compile_qwen0_5b.md"
+  --batch 4 --seq 4096 --steps 10 --compile --kernels | tee "$OUT/bench_train_compile_qwen0_5b.md"
 
 # 6. Decode ms per forward, eager vs compiled (CUDA graphs), batch 1 and 8, both model sizes.
 for M in "$MODEL" "$QWEN_DIR"; do
