@@ -64,13 +64,10 @@ class GatedRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        if self.impl != "eager":
-            return swiglu(gate, rms_norm(x, self.weight, self.variance_epsilon, self.impl), self.impl)
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        h = self.weight * h.to(dtype)
-        return (h * F.silu(gate.float())).to(dtype)
+        h = rms_norm(x, self.weight, self.variance_epsilon, self.impl)
+        if self.impl == "eager":  # HF's order: the gate product in fp32, one cast at the end
+            return (h * F.silu(gate.float())).to(x.dtype)
+        return swiglu(gate, h, self.impl)
 
 
 @dataclass
